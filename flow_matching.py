@@ -1,0 +1,515 @@
+"""The model every other file uses, LoRA adapters, and flow matching (Eq. 1).
+
+Two backends behind the same few functions (encode_prompts, velocity, to_images):
+  mini : diffusers' SD3Transformer2DModel in pixel space on 32x32 RGB (no VAE) with a small learned text encoder
+         over the mini world's vocabulary. `python flow_matching.py` pretrains it from scratch on the CPU.
+  sd3  : Stable Diffusion 3 / 3.5 through diffusers' StableDiffusion3Pipeline (VAE latents, its text encoders).
+Both run the same MMDiT, so velocity() is one function. A checkpoint is a plain safetensors file with a JSON config.
+
+Eq. 1:  x_sigma = (1 - sigma) x_0 + sigma eps,   L_FM = E || v(x_sigma, sigma, c) - (eps - x_0) ||^2
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import miniworld as mw
+from miniworld import BadInput
+
+MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
+                   num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
+                   pooled_projection_dim=128, pos_embed_max_size=8)
+MAX_TOKENS = 10
+# Flow-GRPO's LoRA targets: the joint attention's image and text projections
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+
+class MiniTextEncoder(nn.Module):
+    """Learned embeddings of the mini world's words -> the token sequence and pooled vector SD3's MMDiT expects."""
+
+    def __init__(self, dim=128, pooled_dim=128):
+        super().__init__()
+        self.tok = nn.Embedding(len(mw.VOCAB), dim)
+        self.pos = nn.Parameter(torch.randn(MAX_TOKENS, dim) * 0.02)
+        self.pool = nn.Linear(dim, pooled_dim)
+
+    def forward(self, prompts):
+        ids = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)  # 0 = <pad>; "" is the null prompt
+        for i, p in enumerate(prompts):
+            t = mw.tokenize(p)[:MAX_TOKENS]
+            ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        seq = self.tok(ids.to(self.pos.device)) + self.pos  # (B, L, D)
+        return seq, self.pool(seq.mean(1))                   # (B, L, D), (B, P)
+
+
+@dataclass
+class Model:
+    transformer: nn.Module
+    kind: str                     # "mini" or "sd3"
+    text_encoder: nn.Module = None  # mini only
+    pipe: object = None             # sd3 only: the StableDiffusion3Pipeline (VAE, text encoders, tokenizers)
+    source: str = ""
+    config: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def device(self):
+        return next(self.transformer.parameters()).device
+
+    def latent_shape(self, resolution=None):
+        if self.kind == "mini":
+            return (3, 32, 32)
+        r = resolution or 512
+        return (self.transformer.config.in_channels, r // 8, r // 8)
+
+
+def new_mini_model(seed=0):
+    torch.manual_seed(seed)
+    from diffusers import SD3Transformer2DModel
+    return Model(SD3Transformer2DModel(**MINI_CONFIG), "mini", text_encoder=MiniTextEncoder(), config=dict(MINI_CONFIG))
+
+
+def load_model(source, device="cpu", dtype=torch.float32):
+    """A mini checkpoint (.safetensors) or an SD3 pipeline (a diffusers directory or hub id)."""
+    if source.endswith(".safetensors"):
+        if not os.path.isfile(source):
+            raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
+        try:
+            with safe_open(source, "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise BadInput(f"checkpoint {source} is not a readable safetensors file ({type(e).__name__}); "
+                           "re-create it with `python flow_matching.py`") from None
+        if meta.get("format") != "flow-opd-mini":
+            raise BadInput(f"{source} is not a flow-opd base model (format={meta.get('format')!r}); "
+                           "a LoRA teacher goes to --teachers, a base to --model")
+        config = json.loads(meta["config"])
+        from diffusers import SD3Transformer2DModel
+        model = Model(SD3Transformer2DModel(**config), "mini", text_encoder=MiniTextEncoder(), source=source, config=config)
+        try:
+            model.transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
+            model.text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
+        except RuntimeError:
+            raise BadInput(f"{source} does not match the model its config describes; the file is damaged") from None
+        model.transformer.to(device).requires_grad_(False)  # the mini model is float32
+        model.text_encoder.to(device).requires_grad_(False)
+        return model
+    from diffusers import StableDiffusion3Pipeline
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype)
+    except Exception as e:
+        raise BadInput(f"cannot load {source!r} as a Stable Diffusion 3 pipeline ({type(e).__name__}: {str(e)[:200]}); "
+                       "give a mini .safetensors checkpoint or a diffusers SD3 directory / hub id") from None
+    pipe.to(device)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if m is not None:
+            m.requires_grad_(False)
+    return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config))
+
+
+def save_model(model, path, meta=None):
+    """A mini base (transformer + text encoder) as safetensors; written to a temp file, then renamed."""
+    sd = {f"transformer.{k}": v for k, v in model.transformer.state_dict().items()}
+    sd.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+    meta = {"format": "flow-opd-mini", "config": json.dumps(model.config), **(meta or {})}
+    atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
+
+
+def atomic_save(tensors, path, metadata):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)  # never a half-written file over a good one
+
+
+def fingerprint(model):
+    """A short hash of the base weights, so teachers trained on another base can be refused."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.transformer.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base.", ".")
+        h.update(name.encode() + str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- the three functions
+@torch.no_grad()
+def _encode_sd3(model, texts):
+    pe, _, pooled, _ = model.pipe.encode_prompt(texts, None, None, device=model.device, do_classifier_free_guidance=False)
+    return pe, pooled
+
+
+def encode_prompts(model, prompts):
+    """Prompt dicts or strings -> {"seq": (B, L, D), "pooled": (B, P), "null_seq", "null_pooled"} for CFG.
+    sd3 caches each prompt's embedding (computed once); mini recomputes (cheap, and trainable in pretraining)."""
+    texts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
+    if model.kind == "mini":
+        seq, pooled = model.text_encoder(texts + [""])
+        return {"seq": seq[:-1], "pooled": pooled[:-1], "null_seq": seq[-1:], "null_pooled": pooled[-1:]}
+    missing = [t for t in dict.fromkeys(texts + [""]) if t not in model.cache]
+    if missing:
+        pe, pooled = _encode_sd3(model, missing)
+        model.cache.update({t: (pe[i], pooled[i]) for i, t in enumerate(missing)})
+    seq = torch.stack([model.cache[t][0] for t in texts])
+    pooled = torch.stack([model.cache[t][1] for t in texts])
+    return {"seq": seq, "pooled": pooled, "null_seq": model.cache[""][0][None], "null_pooled": model.cache[""][1][None]}
+
+
+def select(enc, idx):
+    """The rows `idx` of an encoding (the null prompt stays)."""
+    return {**enc, "seq": enc["seq"][idx], "pooled": enc["pooled"][idx]}
+
+
+def velocity(model, x, sigma, enc, guidance=1.0):
+    """v(x, sigma, c): (B, C, H, W), sigma a float or (B,). Classifier-free guidance as one batched forward."""
+    B = x.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
+    dtype = next(model.transformer.parameters()).dtype
+    seq, pooled = enc["seq"], enc["pooled"]
+    if guidance != 1.0:
+        x = torch.cat([x, x])
+        seq = torch.cat([enc["null_seq"].expand_as(seq), seq])
+        pooled = torch.cat([enc["null_pooled"].expand_as(pooled), pooled])
+        sigma = torch.cat([sigma, sigma])
+    v = model.transformer(hidden_states=x.to(dtype), encoder_hidden_states=seq.to(dtype),
+                          pooled_projections=pooled.to(dtype), timestep=sigma * 1000, return_dict=False)[0].float()
+    if guidance != 1.0:
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + guidance * (v_cond - v_uncond)
+    return v
+
+
+@torch.no_grad()
+def to_images(model, x):
+    """Final samples -> images (B, 3, H, W) in [0, 1]."""
+    if model.kind == "mini":
+        return ((x.float() + 1) / 2).clamp(0, 1)
+    vae = model.pipe.vae
+    z = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return ((vae.decode(z, return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def from_images(model, images):
+    """Images in [0, 1] -> x_0 (the inverse of to_images: pixels for mini, VAE latents for sd3)."""
+    if model.kind == "mini":
+        return images * 2 - 1
+    vae = model.pipe.vae
+    z = vae.encode(images.to(vae.dtype) * 2 - 1).latent_dist.sample()
+    return ((z - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
+def flow_matching_loss(model, x0, enc, sigma=None, noise=None):
+    """Eq. 1, per sample: || v(x_sigma, sigma, c) - (eps - x_0) ||^2 averaged over dimensions. (B,)"""
+    B = x0.shape[0]
+    if sigma is None:  # SD3's logit-normal sampling of sigma
+        sigma = torch.sigmoid(torch.randn(B, device=x0.device))
+    noise = torch.randn_like(x0) if noise is None else noise
+    s = sigma.view(B, 1, 1, 1)
+    x_sigma = (1 - s) * x0 + s * noise                              # Eq. 1, the optimal-transport path
+    v = velocity(model, x_sigma, sigma, enc)
+    return ((v - (noise - x0)) ** 2).mean((1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+class LoRALinear(nn.Module):
+    """A frozen Linear plus named low-rank adapters; y = W x + (alpha / r) B A x for the active adapter."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.scaling, self.active = {}, None
+
+    def add(self, name, rank, alpha):
+        self.lora_A[name] = nn.Linear(self.base.in_features, rank, bias=False,
+                                      device=self.base.weight.device, dtype=torch.float32)
+        self.lora_B[name] = nn.Linear(rank, self.base.out_features, bias=False,
+                                      device=self.base.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # peft's init: B = 0, so a no-op at start
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.scaling[name] = alpha / rank
+
+    def delta(self, name):
+        """The dense weight update (alpha / r) B A of one adapter: (out, in)."""
+        return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.active is None:
+            return y
+        a = self.active
+        return y + (self.lora_B[a](self.lora_A[a](x.float())) * self.scaling[a]).to(y.dtype)
+
+
+def lora_layers(transformer):
+    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(transformer, name, rank=32, alpha=64, targets=LORA_TARGETS):
+    """Add a named adapter on every target projection (wrapping the Linear the first time)."""
+    if rank < 1 or alpha <= 0:
+        raise BadInput(f"LoRA rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
+    for path, module in list(transformer.named_modules()):
+        if isinstance(module, nn.Linear) and any(path.endswith(t) for t in targets) and ".base" not in path:
+            parent, _, child = path.rpartition(".")
+            setattr(transformer.get_submodule(parent), child, LoRALinear(module))
+    for layer in lora_layers(transformer).values():
+        if name in layer.lora_A:
+            raise BadInput(f"an adapter named {name!r} is already loaded")
+        layer.add(name, rank, alpha)
+
+
+def set_adapter(transformer, name):
+    """Make one adapter active (None: the bare base model)."""
+    for layer in lora_layers(transformer).values():
+        layer.active = name
+
+
+def adapter_params(transformer, name):
+    return [p for l in lora_layers(transformer).values() for p in (l.lora_A[name].weight, l.lora_B[name].weight)]
+
+
+def lora_pairs(transformer, name):
+    """{module path: (A (r, in), B (out, r))} of one adapter, detached float32 on the CPU."""
+    return {path: (layer.lora_A[name].weight.detach().float().cpu(), layer.lora_B[name].weight.detach().float().cpu())
+            for path, layer in lora_layers(transformer).items() if name in layer.lora_A}
+
+
+def write_lora(path, pairs, rank, alpha, meta):
+    """Save factor pairs as safetensors with peft / diffusers key names (transformer.<module>.lora_A.weight), which
+    diffusers' pipe.load_lora_weights reads, alpha where diffusers looks for it, and our metadata as JSON."""
+    sd = {}
+    for mod, (A, B) in pairs.items():
+        sd[f"transformer.{mod}.lora_A.weight"] = A.contiguous()
+        sd[f"transformer.{mod}.lora_B.weight"] = B.contiguous()
+    targets = sorted({m.split("attn.", 1)[-1] for m in pairs})
+    adapter = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+    atomic_save(sd, path, {"format": "flow-opd-lora", "flow_opd": json.dumps(meta),
+                           "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()})})
+
+
+def save_lora(path, transformer, name, meta):
+    layer = next(l for l in lora_layers(transformer).values() if name in l.lora_A)
+    rank = layer.lora_A[name].weight.shape[0]
+    write_lora(path, lora_pairs(transformer, name), rank, layer.scaling[name] * rank, meta)
+
+
+def read_lora(path):
+    """A LoRA from our .safetensors or a peft directory (adapter_model.safetensors + adapter_config.json).
+    Returns ({module path: (A, B)}, rank, alpha, our metadata dict or {})."""
+    if os.path.isdir(path):
+        cfg_path, path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
+        if not (os.path.isfile(cfg_path) and os.path.isfile(path)):
+            raise BadInput(f"{os.path.dirname(path)} is not a peft adapter (needs adapter_config.json and adapter_model.safetensors)")
+        cfg = json.load(open(cfg_path))
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise BadInput(f"{cfg_path}: per-module rank_pattern / alpha_pattern are not supported")
+        rank, alpha, meta = cfg["r"], cfg["lora_alpha"], {}
+    elif not os.path.isfile(path):
+        raise BadInput(f"LoRA {path} does not exist; train one with grpo_teacher.py or give a peft adapter directory")
+    else:
+        rank = alpha = None
+        meta = {}
+    try:
+        with safe_open(path, "pt") as f:
+            m = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable safetensors file ({type(e).__name__}); it may be truncated") from None
+    if rank is None:
+        if "lora_adapter_metadata" not in m:
+            raise BadInput(f"{path} is not a LoRA adapter (no lora_adapter_metadata); a base model goes to --model")
+        adapter = json.loads(m["lora_adapter_metadata"])
+        rank, alpha = adapter["transformer.r"], adapter["transformer.lora_alpha"]
+        meta = json.loads(m.get("flow_opd", "{}"))
+    pairs = {}
+    for k, v in tensors.items():
+        for prefix in ("base_model.model.", "transformer."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.endswith(".lora_A.weight") or k.endswith(".lora_A.default.weight"):
+            mod = k.split(".lora_A")[0]
+            pairs.setdefault(mod, [None, None])[0] = v
+        elif k.endswith(".lora_B.weight") or k.endswith(".lora_B.default.weight"):
+            mod = k.split(".lora_B")[0]
+            pairs.setdefault(mod, [None, None])[1] = v
+    if not pairs or any(a is None or b is None for a, b in pairs.values()):
+        raise BadInput(f"{path} holds no complete lora_A / lora_B pairs")
+    return {k: tuple(v) for k, v in pairs.items()}, rank, alpha, meta
+
+
+def load_lora(path, transformer, name):
+    """Read a LoRA file or peft directory into a new named adapter. Returns our metadata (or {})."""
+    pairs, rank, alpha, meta = read_lora(path)
+    add_lora_pairs(transformer, name, pairs, rank, alpha, source=path)
+    return meta
+
+
+def add_lora_pairs(transformer, name, pairs, rank, alpha, source="adapter"):
+    """A new adapter holding the given factors {module: (A, B)}; modules it does not name get a zero delta."""
+    add_lora(transformer, name, rank, alpha, targets=tuple(pairs))
+    layers = lora_layers(transformer)
+    for mod, (A, B) in pairs.items():
+        if mod not in layers:
+            raise BadInput(f"{source}: the model has no module {mod}; the adapter was made for another architecture")
+        layer = layers[mod]
+        if A.shape != layer.lora_A[name].weight.shape or B.shape != layer.lora_B[name].weight.shape:
+            raise BadInput(f"{source}: {mod} has shape A{tuple(A.shape)} B{tuple(B.shape)}, the model wants "
+                           f"A{tuple(layer.lora_A[name].weight.shape)} B{tuple(layer.lora_B[name].weight.shape)}")
+        layer.lora_A[name].weight.data.copy_(A)
+        layer.lora_B[name].weight.data.copy_(B)
+    for mod, layer in layers.items():
+        if mod not in pairs and name in layer.lora_B:
+            layer.lora_B[name].weight.data.zero_()
+
+
+# ----------------------------------------------------------------------------------------------- torchrun
+def dist_setup():
+    """(rank, world, device). Under torchrun: nccl on CUDA, gloo on CPU. Alone: (0, 1, cuda or cpu)."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def all_gather(x, world):
+    """Concatenate each rank's (n, ...) tensor in rank order (every rank gets the whole)."""
+    if world == 1:
+        return x
+    import torch.distributed as dist
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_mean(tensors, world):
+    """Average gradients (or stats) over ranks in place: what DDP does, for the few LoRA tensors we train."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+def sample_noise(seed, step, indices, shape, steps):
+    """Initial noise and SDE noise for global samples `indices`, each from its own seed: the same sample gets the
+    same noise on 1 rank or 8. Returns x_0 (n, *shape) and eps (n, steps, *shape)."""
+    x, eps = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + int(i)) % 2 ** 63)
+        x.append(torch.randn(shape, generator=g))
+        eps.append(torch.randn((steps, *shape), generator=g))
+    return torch.stack(x), torch.stack(eps)
+
+
+# ----------------------------------------------------------------------------------------------- pretraining
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Pretrain the mini world's base model with flow matching (Eq. 1).")
+    ap.add_argument("--out", default="ckpts/base.safetensors")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or not args.lr > 0 or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1:
+        raise BadInput("--steps and --batch must be >= 1, --lr > 0, 0 <= --cfg_drop < 1, 0 <= --ema < 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    check_writable(args.out)
+
+    model = new_mini_model(args.seed)
+    params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    n_params = sum(p.numel() for p in model.transformer.parameters())
+    print(f"mini base: transformer {n_params / 1e6:.2f}M params, text encoder "
+          f"{sum(p.numel() for p in model.text_encoder.parameters()) / 1e6:.2f}M; {args.steps} steps x {args.batch}")
+    prompts, rng = mw.train_prompts(seed=args.seed), random.Random(args.seed)
+    bins = torch.zeros(4), torch.zeros(4)
+    t0 = time.time()
+    bar = tqdm(range(args.steps), desc="pretrain", mininterval=2)
+    for step in bar:
+        batch = [next(prompts) for _ in range(args.batch)]
+        x0 = from_images(model, torch.stack([mw.render(p["prompt"], rng, defects=True) for p in batch]))
+        texts = ["" if rng.random() < args.cfg_drop else p["prompt"] for p in batch]
+        sigma = torch.sigmoid(torch.randn(args.batch))
+        loss = flow_matching_loss(model, x0, encode_prompts(model, texts), sigma)  # Eq. 1
+        opt.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))  # warm up, or the random init lingers in the average
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - decay)
+            b = (sigma * 4).long().clamp(max=3)
+            bins[0].index_add_(0, b, loss.detach())
+            bins[1].index_add_(0, b, torch.ones_like(loss))
+        if (step + 1) % 200 == 0 or step + 1 == args.steps:
+            by_bin = " ".join(f"{v:.3f}" for v in (bins[0] / bins[1].clamp(min=1)).tolist())
+            tqdm.write(f"step {step + 1:5d}  loss {float(bins[0].sum() / bins[1].sum()):.4f}  "
+                       f"by sigma [0-.25 .25-.5 .5-.75 .75-1]: {by_bin}  lr {sched.get_last_lr()[0]:.2e}  "
+                       f"{time.time() - t0:.0f}s")
+            bins[0].zero_(), bins[1].zero_()
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    save_model(model, args.out, {"step": args.steps, "seed": args.seed, "params": n_params})
+    print(f"saved {args.out} ({time.time() - t0:.0f}s)")
+
+
+def check_writable(path):
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError:
+        raise BadInput(f"cannot create the output folder {d}; choose another --out") from None
+    if not os.access(d, os.W_OK):
+        raise BadInput(f"the output folder {d} is not writable; choose another --out")
+
+
+def run(main_fn):
+    """Every script's entry point: bad input is one line on stderr and exit 2, never a traceback."""
+    try:
+        main_fn()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run(main)

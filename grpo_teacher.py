@@ -1,0 +1,204 @@
+"""Stage 1: a Flow-GRPO teacher for one reward, as a LoRA adapter on a frozen base (PAPER.md, "Stage 1").
+
+    python grpo_teacher.py --reward ocr                                    # a specialist teacher
+    python grpo_teacher.py --reward geneval:0.4,ocr:0.3,pickscore:0.3     # GRPO-Mix, the baseline
+    torchrun --nproc_per_node=8 grpo_teacher.py --reward ocr ...           # same run, 8 processes
+
+Per step: G SDE rollouts of each of B prompts under the policy (Eq. 5), the reward of each final image, the
+group-relative advantage A_i = (R_i - mean_group R) / (std_group R + 1e-4), then for every stochastic step t the
+clipped surrogate of Eq. 11 on pi(x_t+1 | x_t) (Eq. 6) plus beta * KL(pi_theta || pi_ref) to the frozen base (the
+same model with its adapter off). A prompt's G samples may sit on different ranks: rewards are all-gathered, so
+every advantage sees its whole group, and gradients are averaged over ranks (DDP's semantics).
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import flow_matching as fm
+import miniworld as mw
+import rewards
+import sde_sampler as sampler
+
+
+def group_advantages(R, group):
+    """(N,) rewards of N/group prompts x group samples, in prompt order -> (N,) group-relative advantages."""
+    r = R.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)).flatten()
+
+
+def clipped_surrogate(log_prob, old_log_prob, adv, clip):
+    """Eq. 11, per sample: -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = pi_theta / pi_old. Returns loss, rho."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv), ratio
+
+
+def prompt_stream(args, tasks):
+    """An endless, seeded stream of training prompts: a prompt file's, or the mini world's for these tasks."""
+    if args.prompt_file:
+        ps = [p for p in mw.read_prompt_file(args.prompt_file) if p["task"] in tasks]
+        if not ps:
+            raise fm.BadInput(f"{args.prompt_file} has no prompts of task(s) {tasks}")
+        rng = random.Random(args.seed)
+        while True:
+            yield rng.choice(ps)
+    yield from mw.train_prompts(tasks, seed=args.seed)
+
+
+def add_common_args(ap):
+    """The rollout / update flags grpo_teacher.py and opd_student.py share (Flow-GRPO's names and SD3.5 values)."""
+    ap.add_argument("--model", default="ckpts/base.safetensors", help="mini checkpoint, or an SD3 dir / hub id")
+    ap.add_argument("--prompt_file", default=None, help="JSONL {prompt, task}; default: the mini world's prompts")
+    ap.add_argument("--steps", type=int, default=100, help="training steps (each: rollouts + one update)")
+    ap.add_argument("--prompts", type=int, default=8, help="B: prompts per step (global)")
+    ap.add_argument("--group", type=int, default=8, help="G: samples per prompt (Flow-GRPO on SD3.5: 24)")
+    ap.add_argument("--sample_steps", type=int, default=10, help="T: denoising steps of a rollout")
+    ap.add_argument("--sde_window", type=int, nargs=2, default=None, help="train only steps [a, b) (Flow-GRPO-Fast)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale in rollouts and updates (SD3.5: 4.5)")
+    ap.add_argument("--noise_level", type=float, default=0.7, help="a of Eq. 5")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (SD3.5: 32)")
+    ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha (SD3.5: 64)")
+    ap.add_argument("--clip", type=float, default=1e-4, help="eps of Eq. 11 (log-probs are per dimension)")
+    ap.add_argument("--inner_epochs", type=int, default=1, help="updates on each batch of rollouts")
+    ap.add_argument("--micro_batch", type=int, default=64, help="samples per forward in the update")
+    ap.add_argument("--max_grad_norm", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save_every", type=int, default=50)
+    ap.add_argument("--log_every", type=int, default=5)
+    ap.add_argument("--log_file", default=None, help="JSONL log (default: runs/<out name>.jsonl)")
+
+
+def check_common_args(args, world):
+    sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
+    if not args.noise_level > 0:
+        raise fm.BadInput("--noise_level must be > 0 for training: the policy needs exploration (Eq. 5)")
+    for name in ("steps", "prompts", "group", "rank", "inner_epochs", "micro_batch", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise fm.BadInput(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and args.clip > 0 and args.alpha > 0):
+        raise fm.BadInput("--lr, --clip and --alpha must be > 0")
+    if (args.prompts * args.group) % world:
+        raise fm.BadInput(f"the global batch --prompts x --group = {args.prompts * args.group} does not divide "
+                          f"over {world} processes; change --prompts or --group")
+
+
+def policy_step(model, states, sigmas, t, enc, args):
+    """v_theta at x_t (with gradient) and the Gaussian step it defines (Eq. 5-6): log pi(x_t+1 | x_t), mu, std."""
+    v = fm.velocity(model, states[:, t], float(sigmas[t]), enc, args.guidance)
+    _, lp, mu, std = sampler.sde_step(states[:, t], v, sigmas, t, args.noise_level, x_next=states[:, t + 1])
+    return v, lp, mu, std
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Stage 1: train a Flow-GRPO LoRA teacher for one reward (or GRPO-Mix).")
+    add_common_args(ap)
+    ap.add_argument("--reward", default="ocr", help="geneval | ocr | pickscore | deqa, or name:weight,... (GRPO-Mix)")
+    ap.add_argument("--beta", type=float, default=0.04, help="KL to the frozen base (Flow-GRPO: 0.04, PickScore 0.01)")
+    ap.add_argument("--out", default=None, help="default: ckpts/teachers/<reward>.safetensors, or ckpts/baselines/ for a mix")
+    args = ap.parse_args(argv)
+    rank, world, device = fm.dist_setup()
+    weights = rewards.parse_spec(args.reward)
+    tasks = list(dict.fromkeys(weights))  # a reward's name is the task label it serves
+    role = "teacher" if len(weights) == 1 else "mix"
+    args.out = args.out or f"ckpts/{'teachers' if role == 'teacher' else 'baselines'}/{'+'.join(tasks)}.safetensors"
+    check_common_args(args, world)
+    if args.beta < 0:
+        raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
+    fm.check_writable(args.out)
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+
+    model = fm.load_model(args.model, device)
+    base_hash = fm.fingerprint(model)
+    fm.add_lora(model.transformer, "policy", args.rank, args.alpha)
+    params = fm.adapter_params(model.transformer, "policy")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    T = args.sample_steps
+    sde = sampler.sde_steps(T, window=args.sde_window)
+    N = args.prompts * args.group
+    local = list(range(rank * N // world, (rank + 1) * N // world))  # this rank's global sample indices
+    stream, order_rng = prompt_stream(args, tasks), random.Random(args.seed)
+    meta = {"role": role, "rewards": weights, "tasks": tasks, "base_path": args.model, "base_hash": base_hash}
+    log_path = args.log_file or os.path.join("runs", os.path.basename(args.out).rsplit(".", 1)[0] + ".jsonl")
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        log = open(log_path, "w")
+        print(f"{role} {args.reward}: {args.steps} steps x {args.prompts} prompts x {args.group} samples on {world} "
+              f"process(es), trained steps {sde}, LoRA r={args.rank} ({sum(p.numel() for p in params) / 1e6:.2f}M params)")
+
+    bar = tqdm(range(args.steps), desc=f"grpo {args.reward}", disable=rank != 0, mininterval=2)
+    for step in bar:
+        t0 = time.time()
+        batch = [next(stream) for _ in range(args.prompts)]
+        prompts = [batch[i // args.group] for i in local]
+        enc = fm.encode_prompts(model, prompts)
+        x, eps = fm.sample_noise(args.seed, step, local, model.latent_shape(), T)
+        fm.set_adapter(model.transformer, "policy")
+        traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
+        states, sigmas, old_lp = traj["states"], traj["sigmas"], traj["log_probs"].to(device)
+        t1 = time.time()
+        total, each = rewards.combine(weights, fm.to_images(model, states[:, -1]), prompts)
+        R = fm.all_gather(total.to(device), world)
+        adv = group_advantages(R, args.group)[local[0]:local[-1] + 1]
+        t2 = time.time()
+
+        stats = torch.zeros(4, device=device)  # loss, KL to base, clip fraction, approx KL (global means)
+        ratio_dev = 0.0  # max |rho - 1| in the first pass: 0 up to float error, since it is on-policy
+        for epoch in range(args.inner_epochs):
+            opt.zero_grad(set_to_none=True)
+            steps_t = order_rng.sample(sde, len(sde))  # Flow-GRPO visits the trained steps in random order
+            n = len(local) * len(steps_t)
+            for t in steps_t:
+                for mb in torch.arange(len(local)).split(args.micro_batch):
+                    e = fm.select(enc, mb)
+                    if args.beta > 0:
+                        with torch.no_grad():
+                            fm.set_adapter(model.transformer, None)  # the frozen base: pi_ref
+                            v_ref = fm.velocity(model, states[mb, t], float(sigmas[t]), e, args.guidance)
+                            fm.set_adapter(model.transformer, "policy")
+                    v, lp, mu, std = policy_step(model, states[mb], sigmas, t, e, args)
+                    pg, ratio = clipped_surrogate(lp, old_lp[mb, t], adv[mb], args.clip)      # Eq. 11
+                    kl = torch.zeros_like(pg)
+                    if args.beta > 0:
+                        mu_ref, _ = sampler.gaussian_step(states[mb, t], v_ref, sigmas, t, args.noise_level)
+                        kl = sampler.kl_per_dim(mu, mu_ref, std)
+                    loss = (pg + args.beta * kl).sum() / n
+                    loss.backward()
+                    with torch.no_grad():
+                        stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
+                                              ((ratio - 1).abs() > args.clip).float().sum(),
+                                              (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
+                        if epoch == 0:
+                            ratio_dev = max(ratio_dev, float((ratio - 1).abs().max()))
+            grads = [p.grad for p in params]
+            fm.all_reduce_mean(grads, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+        fm.all_reduce_mean([stats], world)
+        t3 = time.time()
+
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):
+            rec = {"step": step + 1, "reward": R.mean().item(), "reward_std": R.std().item(),
+                   **{f"reward/{k}": float(v.nanmean()) for k, v in each.items()},
+                   "adv_mean": adv.mean().item(), "adv_abs": adv.abs().mean().item(), "loss": stats[0].item(),
+                   "kl_base": stats[1].item(), "clip_frac": stats[2].item(), "approx_kl": stats[3].item(),
+                   "grad_norm": float(grad_norm), "ratio_dev": ratio_dev, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_update": t3 - t2}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            fm.save_lora(args.out, model.transformer, "policy", {**meta, "step": step + 1, "config": vars(args)})
+    if rank == 0:
+        print(f"saved {args.out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    fm.run(main)

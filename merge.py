@@ -1,0 +1,91 @@
+"""Stage 2 cold start by model merging (PAPER.md, "Stage 2 - cold start"):
+
+    theta = theta_base + sum_k w_k Delta_k,   Delta_k = (alpha_k / r_k) B_k A_k
+
+    python merge.py ckpts/teachers/*.safetensors --out ckpts/merged.safetensors [--weights 0.25 0.25 0.25 0.25]
+
+Exact: the factors are stacked, A = [A_1; ...; A_K] and B = [w_1 s_1 B_1, ..., w_K s_K B_K] with s_k = alpha_k / r_k,
+so B A = sum_k w_k Delta_k to float precision, as a LoRA of rank sum_k r_k (scale 1). Averaging A_k and B_k
+separately (the official code) gives (sum_k B_k)(sum_k A_k) / K^2, cross terms B_j A_k included, which is not the
+average of the deltas. Teachers trained on different bases are refused.
+"""
+import argparse
+import hashlib
+import os
+
+import torch
+
+import flow_matching as fm
+
+
+def sha256(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_model.safetensors")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def merge_pairs(teachers, weights):
+    """teachers: [(pairs {module: (A, B)}, rank, alpha)], weights: [w_k] -> stacked pairs with B A = sum_k w_k Delta_k.
+    A module that some teacher does not adapt gets a zero block from it."""
+    modules = sorted({m for pairs, _, _ in teachers for m in pairs})
+    out = {}
+    for mod in modules:
+        As, Bs = [], []
+        for (pairs, r, alpha), w in zip(teachers, weights):
+            if mod in pairs:
+                A, B = pairs[mod]
+                As.append(A.float())
+                Bs.append(B.float() * (w * alpha / r))
+            else:
+                ref_A, ref_B = next(p[mod] for p, _, _ in teachers if mod in p)
+                As.append(torch.zeros(r, ref_A.shape[1]))
+                Bs.append(torch.zeros(ref_B.shape[0], r))
+        out[mod] = (torch.cat(As, 0), torch.cat(Bs, 1))  # (sum r, in), (out, sum r)
+    return out
+
+
+def merge_files(paths, weights=None):
+    """Read teacher LoRAs, check they share one base, merge. Returns (pairs, rank, metadata)."""
+    if not paths:
+        raise fm.BadInput("give at least one teacher to merge")
+    weights = weights or [1.0 / len(paths)] * len(paths)
+    if len(weights) != len(paths):
+        raise fm.BadInput(f"--weights has {len(weights)} numbers for {len(paths)} teachers; give one per teacher")
+    teachers, metas = [], []
+    for p in paths:
+        pairs, r, alpha, meta = fm.read_lora(p)
+        teachers.append((pairs, r, alpha))
+        metas.append(meta)
+    bases = {m.get("base_hash") for m in metas if m.get("base_hash")}
+    if len(bases) > 1:
+        who = ", ".join(f"{p} ({m.get('base_hash')})" for p, m in zip(paths, metas))
+        raise fm.BadInput(f"teachers were trained on different base models: {who}; merge teachers of one base")
+    pairs = merge_pairs(teachers, weights)
+    rank = sum(r for _, r, _ in teachers)
+    base = next((m for m in metas if m.get("base_hash")), {})
+    meta = {"role": "merge", "tasks": sorted({t for m in metas for t in m.get("tasks", [])}),
+            "base_path": base.get("base_path"), "base_hash": base.get("base_hash"),
+            "merged_from": [{"path": p, "weight": w, "sha256": sha256(p), "tasks": m.get("tasks", [])}
+                            for p, w, m in zip(paths, weights, metas)]}
+    return pairs, rank, meta
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Merge LoRA teachers exactly: theta_base + sum_k w_k (alpha_k/r_k) B_k A_k.")
+    ap.add_argument("teachers", nargs="+", help="teacher LoRA files or peft adapter directories")
+    ap.add_argument("--weights", type=float, nargs="+", default=None, help="w_k per teacher (default 1/K each)")
+    ap.add_argument("--out", default="ckpts/merged.safetensors")
+    args = ap.parse_args(argv)
+    fm.check_writable(args.out)
+    pairs, rank, meta = merge_files(args.teachers, args.weights)
+    fm.write_lora(args.out, pairs, rank, float(rank), meta)  # alpha = rank: the weights and scales live in B
+    print(f"merged {len(args.teachers)} teachers (tasks {meta['tasks']}) into {args.out}: rank {rank}, "
+          f"weights {[m['weight'] for m in meta['merged_from']]}")
+
+
+if __name__ == "__main__":
+    fm.run(main)

@@ -1,0 +1,312 @@
+"""Stage 2: Flow-OPD. Distil several LoRA teachers into one student by on-policy distillation (Eq. 7-12).
+
+    torchrun --nproc_per_node=8 opd_student.py --teachers ckpts/teachers/*
+    python opd_student.py --teachers geneval=A.safetensors ocr=B.safetensors pickscore=C --anchor D --init merge
+
+One step, top to bottom:
+  1. the student samples its own SDE trajectories (Eq. 5-6)
+  2. each prompt is routed to the one teacher of its task label, k(c) (Eq. 7)
+  3. that teacher's velocity v* at every state the student visited
+  4. the dense reward r_t = -lambda_t || sg[v_theta] - v* ||^2, lambda_t = (-dt) kappa_t^2 / (2 s_t^2) (Eq. 9-10),
+     which is exactly the KL between the student's and the teacher's Gaussian steps
+  5. advantages, then the clipped update of Eq. 11 plus MAR toward the frozen quality anchor (Eq. 12, mar.py)
+
+Advantages (--advantage). Eq. 10's r_t is a function of the state x_t only, and the ratio rho_t scores the action
+x_t -> x_t+1. With A_t = r_t (`paper`, the official code) the estimator is E[r_t grad log pi(x_t+1 | x_t)] = 0: the
+step's own KL is not reduced (test_all.py shows it). `logratio` (default) uses the sampled log-ratio
+A_t = log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t), whose expectation is exactly r_t (Eq. 9) and whose
+policy gradient is minus the gradient of Eq. 9's KL: the per-token reverse KL of LLM on-policy distillation (Eq. 2).
+
+Teachers are LoRA adapters on the one frozen base in memory; every trained step runs one forward per teacher on
+the samples routed to it. The student is one more adapter (rank sum r_k after a merge cold start).
+"""
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+import flow_matching as fm
+import grpo_teacher as grpo
+import mar
+import merge
+import miniworld as mw
+import sde_sampler as sampler
+
+
+# ----------------------------------------------------------------------------------------------- Eq. 7, 9, 10
+def kappa_lambda(sigmas, t, noise_level):
+    """kappa_t = 1 + s_t^2 (1 - sigma_t) / (2 sigma_t),  lambda_t = (-dt) kappa_t^2 / (2 s_t^2)   (Eq. 9)."""
+    sigma, sigma_next = float(sigmas[t]), float(sigmas[t + 1])
+    _, s = sampler.noise_std(sigma, sigma_next, noise_level, float(sigmas[1]))
+    kappa = 1 + s ** 2 * (1 - sigma) / (2 * sigma)
+    return kappa, (sigma - sigma_next) * kappa ** 2 / (2 * s ** 2)
+
+
+def dense_reward(v_student, v_target, sigmas, t, noise_level):
+    """Eq. 10: r_t = -lambda_t || sg[v_theta] - v* ||^2 (summed over dimensions): minus Eq. 9's KL. (B,)"""
+    _, lam = kappa_lambda(sigmas, t, noise_level)
+    return -lam * ((v_student.detach().float() - v_target.float()) ** 2).flatten(1).sum(1)
+
+
+def read_meta(path):
+    """Our metadata of a LoRA file ({} for a peft dir); None if the file is not a LoRA at all."""
+    if os.path.isdir(path):
+        return {} if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
+    try:
+        with safe_open(path, "pt") as f:
+            m = f.metadata() or {}
+    except Exception:
+        return None
+    return json.loads(m.get("flow_opd", "{}")) if m.get("format") == "flow-opd-lora" else None
+
+
+def resolve_teachers(specs):
+    """--teachers entries (PATH, or LABEL=PATH) -> routes {task label: path} (Eq. 7's k(c)), and what was skipped.
+    A file that is not a teacher (a merge, a GRPO-Mix, a student, not a LoRA) is skipped and said so."""
+    routes, skipped = {}, []
+    for spec in specs:
+        label, path = (None, spec)
+        if "=" in spec and not os.path.exists(spec):
+            label, path = spec.split("=", 1)
+        if not os.path.exists(path):
+            raise fm.BadInput(f"teacher {path} does not exist; train one with `python grpo_teacher.py --reward TASK`")
+        meta = read_meta(path)
+        if meta is None:
+            if label:
+                raise fm.BadInput(f"{path} is not a LoRA adapter; a teacher is a grpo_teacher.py output or a peft dir")
+            skipped.append((path, "not a LoRA adapter"))
+            continue
+        if label is None and meta.get("role") != "teacher":
+            skipped.append((path, f"role {meta.get('role', 'unknown')!r}, not a teacher (name it LABEL=PATH to use it)"))
+            continue
+        tasks = [label] if label else meta.get("tasks", [])
+        for task in tasks:
+            if task in routes:
+                raise fm.BadInput(f"two teachers claim task {task!r}: {routes[task]} and {path}; keep one, or "
+                                  f"route explicitly with {task}=PATH")
+            routes[task] = path
+    if not routes:
+        raise fm.BadInput(f"no teachers among {specs}; give grpo_teacher.py outputs or LABEL=PATH")
+    return routes, skipped
+
+
+def route(prompts, routes):
+    """Eq. 7's hard router: {task: [local sample indices]}; a label no teacher covers stops the run."""
+    groups = {}
+    for i, p in enumerate(prompts):
+        if p["task"] not in routes:
+            raise fm.BadInput(f"task label {p['task']!r} has no teacher (teachers cover {sorted(routes)}); "
+                              f"add --teachers {p['task']}=PATH or drop those prompts")
+        groups.setdefault(p["task"], []).append(i)
+    return groups
+
+
+@torch.no_grad()
+def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
+    """v*(x_t, t, c) = v_{T_k(c)}(x_t, t, c) (Eq. 7): each teacher runs once on the samples routed to it."""
+    v_star = torch.empty_like(x_t, dtype=torch.float32)
+    for task, idx in groups.items():
+        fm.set_adapter(model.transformer, f"teacher:{task}")
+        for mb in torch.tensor(idx).split(micro_batch):
+            v_star[mb] = fm.velocity(model, x_t[mb], sigma, fm.select(enc, mb), guidance)
+    return v_star
+
+
+# ----------------------------------------------------------------------------------------------- cold start
+def sft_cold_start(model, routes, args, device):
+    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student adapter."""
+    params = fm.adapter_params(model.transformer, "student")
+    opt = torch.optim.AdamW(params, lr=args.sft_lr)
+    stream = grpo.prompt_stream(args, sorted(routes))
+    pool = []
+    for i in tqdm(range(0, args.sft_samples, args.micro_batch), desc="sft: teacher samples", leave=False):
+        prompts = [next(stream) for _ in range(min(args.micro_batch, args.sft_samples - i))]
+        for task, idx in route(prompts, routes).items():
+            fm.set_adapter(model.transformer, f"teacher:{task}")
+            enc = fm.encode_prompts(model, [prompts[j] for j in idx])
+            g = torch.Generator().manual_seed(args.seed * 7919 + i)
+            out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g)
+            pool += [(prompts[j], out["states"][k, -1]) for k, j in enumerate(idx)]
+    fm.set_adapter(model.transformer, "student")
+    rng = random.Random(args.seed)
+    for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
+        batch = rng.sample(pool, min(args.micro_batch, len(pool)))
+        x0 = torch.stack([x for _, x in batch]).to(device)
+        loss = fm.flow_matching_loss(model, x0, fm.encode_prompts(model, [p for p, _ in batch])).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
+    grpo.add_common_args(ap)
+    ap.set_defaults(prompts=32, group=1, steps=100, lr=3e-4, clip=1e-4)
+    ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH or LABEL=PATH")
+    ap.add_argument("--anchor", default="auto", help="MAR anchor: PATH, 'none', or 'auto' (the deqa teacher)")
+    ap.add_argument("--beta", type=float, default=mar.BETA, help="MAR weight beta of Eq. 12 (official: 0.04)")
+    ap.add_argument("--advantage", choices=["logratio", "paper"], default="logratio", help="see the docstring")
+    ap.add_argument("--adv_norm", action="store_true", help="normalise advantages over the global batch")
+    ap.add_argument("--init", choices=["merge", "sft", "base"], default="merge", help="cold start of the student")
+    ap.add_argument("--sft_samples", type=int, default=512)
+    ap.add_argument("--sft_steps", type=int, default=200)
+    ap.add_argument("--sft_lr", type=float, default=1e-3)
+    ap.add_argument("--tasks", nargs="+", default=None, help="prompt task labels to train on (default: the teachers')")
+    ap.add_argument("--out", default="ckpts/students/opd.safetensors")
+    args = ap.parse_args(argv)
+    rank, world, device = fm.dist_setup()
+    if len(args.teachers) == 1 and os.path.isdir(args.teachers[0]) and not os.path.isfile(
+            os.path.join(args.teachers[0], "adapter_config.json")):  # a folder of teachers
+        args.teachers = sorted(os.path.join(args.teachers[0], f) for f in os.listdir(args.teachers[0]))
+    check_args(args, world)
+    routes, skipped = resolve_teachers(args.teachers)
+    tasks = args.tasks or sorted(routes)
+    route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
+    anchor = routes.get("deqa") if args.anchor == "auto" else None if args.anchor == "none" else args.anchor
+    if anchor and not os.path.exists(anchor):
+        raise fm.BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path or --anchor none")
+    torch.manual_seed(args.seed)
+
+    # one frozen base, every teacher and the anchor as adapters on it, the student as one more
+    model = fm.load_model(args.model, device)
+    base_hash = fm.fingerprint(model)
+    teacher_set = []
+    for task, path in sorted(routes.items()):
+        meta = fm.load_lora(path, model.transformer, f"teacher:{task}")
+        if meta.get("base_hash") and meta["base_hash"] != base_hash:
+            raise fm.BadInput(f"teacher {path} was trained on another base (hash {meta['base_hash']}, --model "
+                              f"{args.model} has {base_hash}); distil teachers of the base you load")
+        teacher_set.append({"task": task, "path": path, "sha256": merge.sha256(path)})
+    anchor_name = None
+    if anchor:
+        anchor_name = next((f"teacher:{t}" for t, p in routes.items() if p == anchor), "anchor")
+        if anchor_name == "anchor":
+            fm.load_lora(anchor, model.transformer, "anchor")
+    if args.init == "merge":
+        pairs, r, _ = merge.merge_files(sorted(set(routes.values())))
+        fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+    else:
+        fm.add_lora(model.transformer, "student", args.rank, args.alpha)
+    params = fm.adapter_params(model.transformer, "student")
+    if rank == 0:
+        for path, why in skipped:
+            print(f"skipped {path}: {why}")
+        print(f"routes (Eq. 7): {', '.join(f'{t} -> {p}' for t, p in sorted(routes.items()))}; anchor (Eq. 12): "
+              f"{anchor or 'none'}; init {args.init}; {len(params) // 2} adapted layers")
+    if args.init == "sft":
+        sft_cold_start(model, routes, args, device)
+        fm.all_reduce_mean([p.data for p in params], world)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    T = args.sample_steps
+    sde = sampler.sde_steps(T, window=args.sde_window)
+    N = args.prompts * args.group
+    local = list(range(rank * N // world, (rank + 1) * N // world))
+    stream, order_rng = grpo.prompt_stream(args, tasks), random.Random(args.seed)
+    meta = {"role": "student", "tasks": tasks, "teachers": teacher_set, "init": args.init, "base_path": args.model,
+            "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
+    if rank == 0:
+        log_path = args.log_file or os.path.join("runs", os.path.basename(args.out).rsplit(".", 1)[0] + ".jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        log = open(log_path, "w")
+
+    bar = tqdm(range(args.steps), desc="opd", disable=rank != 0, mininterval=2)
+    for step in bar:
+        t0 = time.time()
+        batch = [next(stream) for _ in range(args.prompts)]
+        prompts = [batch[i // args.group] for i in local]
+        enc = fm.encode_prompts(model, prompts)
+        x, eps = fm.sample_noise(args.seed, step, local, model.latent_shape(), T)
+        # 1. the student's own trajectories
+        fm.set_adapter(model.transformer, "student")
+        traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
+        states, sigmas, old_lp, v_old = traj["states"], traj["sigmas"], traj["log_probs"].to(device), traj["velocities"]
+        t1 = time.time()
+
+        # 2-4. route, teacher velocities at the visited states, dense rewards and advantages
+        groups = route(prompts, routes)
+        n_local = len(local)
+        reward = torch.zeros(n_local, T, device=device)
+        adv = torch.zeros(n_local, T, device=device)
+        mu_anchor = {}
+        vel_mse = {task: 0.0 for task in groups}
+        with torch.no_grad():
+            for t in sde:
+                v_star = routed_velocity(model, states[:, t], float(sigmas[t]), enc, groups, args.guidance,
+                                         args.micro_batch)                                        # Eq. 7
+                for task, idx in groups.items():
+                    vel_mse[task] += float(((v_old[idx, t] - v_star[idx]) ** 2).mean()) / len(sde)
+                reward[:, t] = dense_reward(v_old[:, t], v_star, sigmas, t, args.noise_level)   # Eq. 10
+                if args.advantage == "paper":
+                    adv[:, t] = reward[:, t]
+                else:  # log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t), summed over dims: E = r_t (Eq. 9)
+                    mu_star, std = sampler.gaussian_step(states[:, t], v_star, sigmas, t, args.noise_level)
+                    D = states[0, 0].numel()
+                    adv[:, t] = D * (sampler.log_prob(states[:, t + 1], mu_star, std) - old_lp[:, t])
+                if anchor_name:
+                    mu_anchor[t] = mar.anchor_mean(model, anchor_name, states[:, t], sigmas, t, enc, args.guidance,
+                                                   args.noise_level)
+        if args.adv_norm:
+            a = fm.all_gather(adv[:, sde].flatten(), world)
+            adv = (adv - a.mean()) / (a.std() + 1e-8)
+        t2 = time.time()
+
+        # 5. clipped update (Eq. 11) + MAR (Eq. 12)
+        fm.set_adapter(model.transformer, "student")
+        stats = torch.zeros(4, device=device)  # loss, MAR KL, clip fraction, approx KL
+        for epoch in range(args.inner_epochs):
+            opt.zero_grad(set_to_none=True)
+            steps_t = order_rng.sample(sde, len(sde))
+            n = n_local * len(steps_t)
+            for t in steps_t:
+                for mb in torch.arange(n_local).split(args.micro_batch):
+                    _, lp, mu, std = grpo.policy_step(model, states[mb], sigmas, t, fm.select(enc, mb), args)
+                    pg, ratio = grpo.clipped_surrogate(lp, old_lp[mb, t], adv[mb, t], args.clip)   # Eq. 11
+                    kl = mar.mar_kl(mu, mu_anchor[t][mb], std) if anchor_name else torch.zeros_like(pg)  # Eq. 12
+                    loss = (pg + args.beta * kl).sum() / n
+                    loss.backward()
+                    with torch.no_grad():
+                        stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
+                                              ((ratio - 1).abs() > args.clip).float().sum(),
+                                              (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
+            fm.all_reduce_mean([p.grad for p in params], world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            opt.step()
+        fm.all_reduce_mean([stats], world)
+        t3 = time.time()
+
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):
+            by_t = reward.mean(0)
+            rec = {"step": step + 1, **{f"opd/vel_mse/{k}": v for k, v in vel_mse.items()},
+                   **{f"opd/reward/t{t}": float(by_t[t]) for t in sde}, "loss": stats[0].item(),
+                   "mar_kl": stats[1].item(), "clip_frac": stats[2].item(), "approx_kl": stats[3].item(),
+                   "grad_norm": float(grad_norm), "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+                                if "/reward/" not in k))
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            fm.save_lora(args.out, model.transformer, "student", {**meta, "step": step + 1, "config": vars(args)})
+    if rank == 0:
+        print(f"saved {args.out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def check_args(args, world):
+    grpo.check_common_args(args, world)
+    if args.beta < 0:
+        raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
+    if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
+        raise fm.BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
+    fm.check_writable(args.out)
+
+
+if __name__ == "__main__":
+    fm.run(main)

@@ -1,0 +1,645 @@
+"""python test_all.py [name ...]: every check against an independent computation. Last line: N passed, M failed."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+import flow_matching as fm
+import miniworld as mw
+import rewards
+import sde_sampler as sampler
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TMP = tempfile.mkdtemp(prefix="flow-opd-test-")
+
+
+def tiny_model(seed=0):
+    m = fm.new_mini_model(seed)
+    with torch.no_grad():  # random but not degenerate (SD3 zero-inits its output layer)
+        for p in m.transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def close(a, b, tol, what=""):
+    err = (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.1g}"
+
+
+def cli(*args, expect=0):
+    """Run one of our scripts; returns (stdout, stderr)."""
+    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == expect, f"{args}: exit {p.returncode} (wanted {expect})\n{p.stdout[-800:]}\n{p.stderr[-1500:]}"
+    return p.stdout, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------- Eq. 1, 5, 6
+def test_eq6_log_prob_is_the_gaussian_density():
+    torch.manual_seed(0)
+    mu, x = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    std = 0.37
+    by_hand = (-0.5 * ((x - mu) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))).flatten(1).mean(1)
+    close(sampler.log_prob(x, mu, std), by_hand, 1e-6, "hand-written density")
+    close(sampler.log_prob(x, mu, std), torch.distributions.Normal(mu, std).log_prob(x).flatten(1).mean(1), 1e-5, "torch.distributions")
+
+
+def test_eq5_sde_mean_and_std():
+    torch.manual_seed(0)
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    sig = sampler.sigma_schedule(10)
+    for t in (0, 3, 8):
+        a, b = float(sig[t]), float(sig[t + 1])
+        s = 0.7 * math.sqrt(a / (1 - (a if a < 1 else float(sig[1]))))
+        dt = b - a
+        # Flow-GRPO's expanded form: x (1 + s^2 dt / 2 sigma) + v (1 + s^2 (1 - sigma) / 2 sigma) dt
+        mean = x * (1 + s ** 2 / (2 * a) * dt) + v * (1 + s ** 2 * (1 - a) / (2 * a)) * dt
+        x_next, lp, mu, std = sampler.sde_step(x, v, sig, t, 0.7)
+        close(mu, mean, 1e-5, f"mean at t={t}")
+        assert abs(std - s * math.sqrt(-dt)) < 1e-9
+        close(lp, sampler.log_prob(x_next, mean, s * math.sqrt(-dt)), 1e-5, "log-prob of the sample")
+
+
+def test_ode_matches_diffusers_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    steps = 10
+    sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sch.set_timesteps(sigmas=torch.linspace(1.0, 1 / steps, steps).numpy())  # as StableDiffusion3Pipeline does
+    close(sampler.sigma_schedule(steps, 3.0), sch.sigmas, 1e-6, "sigma schedule")
+    model = tiny_model()
+    enc = fm.encode_prompts(model, ["a red circle", 'the text "12"'])
+    x0 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # ours, with noise level 0 on every step
+    out = sampler.sample(model, enc, steps, guidance=2.0, noise_level=0.0, sde=list(range(steps)), x=x0.clone())
+    x = x0.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            v = fm.velocity(model, x, float(t) / 1000, enc, 2.0)
+            x = sch.step(v, t, x).prev_sample
+    close(out["states"][:, -1], x, 1e-5, "final sample vs diffusers")
+
+
+def test_sampler_trajectory_log_probs_rescore():
+    model = tiny_model()
+    enc = fm.encode_prompts(model, ["a blue square", "the sea at noon"])
+    out = sampler.sample(model, enc, 6, noise_level=0.7, generator=torch.Generator().manual_seed(0))
+    assert out["states"].shape == (2, 7, 3, 32, 32) and out["sde"] == [0, 1, 2, 3, 4]
+    assert out["log_probs"][:, :5].isfinite().all() and out["log_probs"][:, 5].isnan().all()
+    sig = out["sigmas"]
+    with torch.no_grad():  # re-scoring the stored transitions gives the stored log-probs (ratio 1 on-policy)
+        for t in out["sde"]:
+            v = fm.velocity(model, out["states"][:, t], float(sig[t]), enc)
+            _, lp, _, _ = sampler.sde_step(out["states"][:, t], v, sig, t, 0.7, x_next=out["states"][:, t + 1])
+            close(lp, out["log_probs"][:, t], 1e-5, f"step {t}")
+    assert sampler.sde_steps(10, window=(2, 5)) == [2, 3, 4]
+
+
+def test_eq1_loss_by_hand():
+    model = tiny_model()
+
+    class Identity(torch.nn.Module):  # v(x) = x, so the loss has a closed form
+        dtype = torch.float32
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def forward(self, hidden_states, **kw):
+            return (hidden_states,)
+
+    model.transformer = Identity()
+    x0 = torch.full((1, 3, 32, 32), 0.5)
+    eps = torch.full((1, 3, 32, 32), -1.0)
+    sigma = torch.tensor([0.25])
+    # x_s = 0.75 * 0.5 + 0.25 * -1 = 0.125 ; target = -1 - 0.5 = -1.5 ; (0.125 + 1.5)^2 = 2.640625
+    loss = fm.flow_matching_loss(model, x0, fm.encode_prompts(model, ["a circle"]), sigma, eps)
+    close(loss, torch.tensor([2.640625]), 1e-6, "Eq. 1")
+
+
+def test_cfg_is_one_batched_forward_of_the_formula():
+    model = tiny_model()
+    enc = fm.encode_prompts(model, ["a red circle", "three squares"])
+    null = fm.encode_prompts(model, ["", ""])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        vc, vu = fm.velocity(model, x, 0.6, enc), fm.velocity(model, x, 0.6, null)
+        close(fm.velocity(model, x, 0.6, enc, 4.5), vu + 4.5 * (vc - vu), 1e-4, "CFG")
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def test_lora_save_load_identical_and_switchable():
+    model = tiny_model()
+    fm.add_lora(model.transformer, "a", rank=4, alpha=8)
+    fm.add_lora(model.transformer, "b", rank=2, alpha=2)
+    with torch.no_grad():
+        for p in fm.adapter_params(model.transformer, "a") + fm.adapter_params(model.transformer, "b"):
+            p.normal_(0, 0.05)
+    enc = fm.encode_prompts(model, ["a green triangle"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fm.set_adapter(model.transformer, None)
+        v0 = fm.velocity(model, x, 0.5, enc)
+        fm.set_adapter(model.transformer, "a")
+        va = fm.velocity(model, x, 0.5, enc)
+        fm.set_adapter(model.transformer, "b")
+        vb = fm.velocity(model, x, 0.5, enc)
+    assert (va - v0).abs().max() > 1e-3 and (va - vb).abs().max() > 1e-3, "adapters should change the output"
+    path = os.path.join(TMP, "a.safetensors")
+    fm.save_lora(path, model.transformer, "a", {"reward": "ocr"})
+    other = tiny_model()
+    meta = fm.load_lora(path, other.transformer, "a")
+    fm.set_adapter(other.transformer, "a")
+    with torch.no_grad():
+        close(fm.velocity(other, x, 0.5, enc), va, 1e-6, "reloaded adapter")
+    assert meta == {"reward": "ocr"}
+    # diffusers / peft key names and alpha in the metadata diffusers reads
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        keys, md = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys
+    assert md["transformer.r"] == 4 and md["transformer.lora_alpha"] == 8
+
+
+def test_peft_format_adapter_loads_with_dense_delta():
+    from safetensors.torch import save_file
+    model = tiny_model()
+    torch.manual_seed(3)
+    d = os.path.join(TMP, "peft_adapter")
+    os.makedirs(d, exist_ok=True)
+    r, alpha, mods = 2, 6, ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.add_k_proj"]
+    sd = {}
+    for m in mods:
+        lin = model.transformer.get_submodule(m)
+        sd[f"base_model.model.{m}.lora_A.weight"] = torch.randn(r, lin.in_features) * 0.1
+        sd[f"base_model.model.{m}.lora_B.weight"] = torch.randn(lin.out_features, r) * 0.1
+    save_file(sd, os.path.join(d, "adapter_model.safetensors"))
+    json.dump({"r": r, "lora_alpha": alpha, "target_modules": ["to_q", "add_k_proj"], "peft_type": "LORA"},
+              open(os.path.join(d, "adapter_config.json"), "w"))
+    reference = tiny_model()  # the same base with W + (alpha / r) B A written into the weights
+    with torch.no_grad():
+        for m in mods:
+            reference.transformer.get_submodule(m).weight += (alpha / r) * sd[f"base_model.model.{m}.lora_B.weight"] @ sd[f"base_model.model.{m}.lora_A.weight"]
+    fm.load_lora(d, model.transformer, "peft")
+    fm.set_adapter(model.transformer, "peft")
+    enc = fm.encode_prompts(model, ["a purple square"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        close(fm.velocity(model, x, 0.3, enc), fm.velocity(reference, x, 0.3, enc), 1e-5, "peft adapter")
+
+
+# ----------------------------------------------------------------------------------------------- the mini world
+def _cases(task, n, seed):
+    g = mw.train_prompts((task,), seed=seed)
+    return [next(g) for _ in range(n)]
+
+
+def test_geneval_scorer_on_renderer():
+    rng = random.Random(0)
+    ps = _cases("geneval", 300, 1)
+    clean = rewards.geneval(mw.render_batch(ps, 0), ps)
+    acc_clean = float((clean == 1).float().mean())
+    wrong, prompts = [], []
+    for p in ps:  # a definite error: a wrong count, a wrong colour, a wrong shape, or reversed positions
+        spec = mw.parse(p["prompt"])
+        objs = [list(o) for o in spec["objects"]]
+        if spec["relation"]:
+            objs.reverse()
+        elif objs[0][2] > 1:
+            objs[0][2] += rng.choice([-1, 1])
+        elif objs[0][1]:
+            objs[0][1] = rng.choice([c for c in mw.COLORS if c not in {o[1] for o in objs}])
+        else:
+            objs[0][0] = rng.choice([s for s in mw.SHAPES if s not in {o[0] for o in objs}])
+        wrong.append(mw.render_geneval({**spec, "objects": [tuple(o) for o in objs]}, rng))
+        prompts.append(p)
+    bad = rewards.geneval(torch.stack(wrong), prompts)
+    acc_wrong = float((bad < 1).float().mean())
+    print(f"    geneval: faithful renders scored 1: {acc_clean:.3f}; wrong renders scored < 1: {acc_wrong:.3f} (n=300)")
+    assert acc_clean >= 0.97 and acc_wrong >= 0.90
+
+
+def test_ocr_scorer_on_renderer():
+    rng = random.Random(0)
+    ps = _cases("ocr", 300, 2)
+    clean = rewards.ocr(mw.render_batch(ps, 0), ps)
+    wrong = []
+    for p in ps:
+        s = list(mw.parse(p["prompt"])["text"])
+        k = rng.randrange(len(s))
+        s[k] = rng.choice([d for d in "0123456789" if d != s[k]])
+        wrong.append(mw.render_ocr("".join(s), rng))
+    bad = rewards.ocr(torch.stack(wrong), ps)
+    # one wrong digit of n costs exactly 1/n
+    expect = torch.tensor([1 - 1 / len(mw.parse(p["prompt"])["text"]) for p in ps])
+    acc_clean, acc_wrong = float((clean == 1).float().mean()), float(((bad - expect).abs() < 1e-6).float().mean())
+    noisy = rewards.ocr((mw.render_batch(ps, 0) + 0.08 * torch.randn(300, 3, 32, 32)).clamp(0, 1), ps)
+    print(f"    ocr: exact on faithful renders {acc_clean:.3f}, exact 1-1/n on one wrong digit {acc_wrong:.3f}, "
+          f"mean under noise 0.08 {float(noisy.mean()):.3f} (n=300)")
+    assert acc_clean >= 0.98 and acc_wrong >= 0.95 and noisy.mean() > 0.9
+    assert rewards.edit_distance("kitten", "sitting") == 3
+
+
+def test_deqa_and_pickscore_on_renderer():
+    ps = _cases("deqa", 300, 3)
+    clean = mw.render_batch(ps, 0)
+    noisy = (clean + 0.08 * torch.randn_like(clean)).clamp(0, 1)
+    blurred = mw.blur(clean)
+    q, qn, qb = rewards.deqa(clean), rewards.deqa(noisy), rewards.deqa(blurred)
+    noise_acc, blur_acc = float((q > qn).float().mean()), float((q > qb).float().mean())
+    # preference: an image under its own prompt beats the same image under another scene's prompt
+    other = [{"prompt": ps[(i + 7) % 300]["prompt"], "task": "pickscore"} for i in range(300)]
+    differs = torch.tensor([mw.parse(a["prompt"])["time"] != mw.parse(b["prompt"])["time"] for a, b in zip(ps, other)])
+    own, theirs = rewards.pickscore(clean, ps), rewards.pickscore(clean, other)
+    pref_acc = float((own > theirs)[differs].float().mean())
+    dull = clean.mean(1, keepdim=True) + 0.4 * (clean - clean.mean(1, keepdim=True))
+    dull_acc = float((own > rewards.pickscore(dull, ps)).float().mean())
+    print(f"    deqa: clean > noisy {noise_acc:.3f}, clean > blurred {blur_acc:.3f}; clean mean {float(q.mean()):.2f} "
+          f"noisy {float(qn.mean()):.2f} blurred {float(qb.mean()):.2f}")
+    print(f"    pickscore: own prompt > another time of day {pref_acc:.3f}, vivid > dull {dull_acc:.3f}; "
+          f"clean mean {float(own.mean()):.2f}")
+    assert noise_acc >= 0.97 and blur_acc >= 0.9 and pref_acc >= 0.95 and dull_acc >= 0.95
+
+
+def test_heldout_prompts_never_trained():
+    for task in mw.TASKS:
+        held = {p["prompt"] for p in mw.eval_prompts(task, 64)}
+        g = mw.train_prompts((task,), seed=0)
+        seen = {next(g)["prompt"] for _ in range(3000)}
+        assert held and not held & seen, task
+        assert mw.eval_prompts(task, 5) == mw.eval_prompts(task, 5)
+    for task in mw.TASKS:  # every prompt parses back to its task and tokenizes
+        for p in mw.all_prompts(task)[:50]:
+            mw.tokenize(p)
+            assert mw.parse(p)["task"] == {"pickscore": "general", "deqa": "general"}.get(task, task)
+
+
+def test_table2_avg_formula():
+    import eval as ev
+    paper = {"SD-3.5-M": (0.63, 0.59, 4.07, 21.64, 0.7166), "Flow-OPD (Merge)": (0.92, 0.94, 4.35, 23.08, 0.9044),
+             "GRPO-Mix": (0.73, 0.83, 4.33, 21.84, 0.8165)}
+    for name, (g, o, d, p, avg) in paper.items():
+        scores = {"geneval": [g, g], "ocr": [o, o], "deqa": [d, d], "pickscore": [p, p]}
+        assert abs(ev.summarise(scores)["Avg"][0] - avg) < 6e-5, name
+
+
+def test_reward_spec_and_combine():
+    assert rewards.parse_spec("geneval:0.4,ocr:0.3,pickscore:0.3") == {"geneval": 0.4, "ocr": 0.3, "pickscore": 0.3}
+    for bad in ("clip", "ocr:x", "ocr:-1", "ocr:0"):
+        try:
+            rewards.parse_spec(bad)
+            raise AssertionError(f"{bad} accepted")
+        except mw.BadInput:
+            pass
+    ps = [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "5"', "task": "ocr"}]
+    img = mw.render_batch(ps, 0)
+    total, each = rewards.combine({"geneval": 1.0, "deqa": 1.0}, img, ps)
+    close(total[0], (each["geneval"][0] + each["deqa"][0] / 5) / 2, 1e-6, "both apply")
+    close(total[1], each["deqa"][1] / 5, 1e-6, "geneval skipped on an OCR prompt")
+
+
+# ----------------------------------------------------------------------------------------------- SD3 backend
+def tiny_sd3_pipeline():
+    """A random-init SD3 pipeline small enough for a CPU test, saved to a temp dir (no downloads)."""
+    path = os.path.join(TMP, "tiny-sd3")
+    if os.path.isdir(path):
+        return path
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(0)
+    words = sorted({w for t in mw.TASKS for p in mw.all_prompts(t)[:200] for w in p.replace('"', ' " ').split()})
+    chars = sorted(set("".join(words)) | set('"'))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab)); vocab.setdefault(c + "</w>", len(vocab))
+    os.makedirs(os.path.join(TMP, "tok"), exist_ok=True)
+    json.dump(vocab, open(os.path.join(TMP, "tok", "vocab.json"), "w"))
+    open(os.path.join(TMP, "tok", "merges.txt"), "w").write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(TMP, "tok", "vocab.json"), os.path.join(TMP, "tok", "merges.txt"))
+    cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+               vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    te1 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, shift_factor=0.06, scaling_factor=1.5)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_sd3_backend_tiny_pipeline():
+    model = fm.load_model(tiny_sd3_pipeline())
+    assert model.kind == "sd3"
+    prompts = ["a red circle", 'the text "47"']
+    enc = fm.encode_prompts(model, prompts)
+    assert enc["seq"].shape[0] == 2 and enc["pooled"].shape == (2, 64)
+    shape = model.latent_shape(64)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        v = fm.velocity(model, x, 0.7, enc, 4.5)
+        assert v.shape == x.shape and v.isfinite().all()
+        out = sampler.sample(model, enc, 4, guidance=4.5, noise_level=0.7, resolution=64)
+        img = fm.to_images(model, out["states"][:, -1])
+    assert img.shape == (2, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
+    assert len(model.cache) == 3  # the prompts and "" encoded once, then cached
+    fm.add_lora(model.transformer, "t", rank=2, alpha=4)
+    assert len(fm.lora_layers(model.transformer)) == 2 * 8
+
+
+# ----------------------------------------------------------------------------------------------- Stage 1 and merge
+def base_ckpt():
+    path = os.path.join(TMP, "base.safetensors")
+    if not os.path.exists(path):
+        fm.save_model(tiny_model(), path)
+    return path
+
+
+TINY_RUN = ["--sample_steps", "4", "--prompts", "2", "--group", "4", "--log_every", "1", "--rank", "2", "--alpha", "4"]
+
+
+def read_log(path):
+    return [json.loads(l) for l in open(path)]
+
+
+def test_grpo_on_policy_ratio_and_two_process_update():
+    base = base_ckpt()
+    common = ["--model", base, "--reward", "pickscore", "--steps", "1", "--beta", "0.04", *TINY_RUN]
+    one, two = os.path.join(TMP, "g1.jsonl"), os.path.join(TMP, "g2.jsonl")
+    cli("grpo_teacher.py", *common, "--out", os.path.join(TMP, "g1.safetensors"), "--log_file", one)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "grpo_teacher.py", *common, "--out", os.path.join(TMP, "g2.safetensors"), "--log_file", two],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = read_log(one)[0], read_log(two)[0]
+    print(f"    1 process: loss {a['loss']:.8f} grad norm {a['grad_norm']:.8f} | 2 processes: loss {b['loss']:.8f} "
+          f"grad norm {b['grad_norm']:.8f} | max |rho - 1| on-policy {a['ratio_dev']:.2e}")
+    assert a["ratio_dev"] < 1e-5, "the first inner step is on-policy: rho = 1"
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"] and abs(a["reward"] - b["reward"]) < 1e-6
+    pa, ra, _, ma = fm.read_lora(os.path.join(TMP, "g1.safetensors"))
+    pb, _, _, _ = fm.read_lora(os.path.join(TMP, "g2.safetensors"))
+    assert ma["role"] == "teacher" and ma["tasks"] == ["pickscore"] and ma["base_hash"] == fm.fingerprint(fm.load_model(base))
+    assert max((pa[k][1] - pb[k][1]).abs().max().item() for k in pa) < 1e-5, "the same LoRA after one update"
+
+
+def test_group_advantages_and_clipped_surrogate():
+    import grpo_teacher as grpo
+    R = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    adv = grpo.group_advantages(R, 3)
+    sd = math.sqrt(2 / 3)
+    close(adv, torch.tensor([-1 / (sd + 1e-4), 0, 1 / (sd + 1e-4), 0, 0, 0]), 1e-6, "group advantages")
+    lp, old = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])), torch.zeros(4)
+    loss, ratio = grpo.clipped_surrogate(lp, old, torch.tensor([1.0, 1.0, -1.0, -1.0]), 0.2)
+    close(loss, torch.tensor([-1.2, -0.5, 1.5, 0.8]), 1e-6, "Eq. 11 pessimistic clip")
+
+
+def _random_teacher(path, seed, rank, alpha, base_hash, modules=None):
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_model()
+    pairs = {}
+    for m in modules or ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_add_out"]:
+        lin = model.transformer.get_submodule(m)
+        pairs[m] = (torch.randn(rank, lin.in_features, generator=g) * 0.1, torch.randn(lin.out_features, rank, generator=g) * 0.1)
+    fm.write_lora(path, pairs, rank, alpha, {"role": "teacher", "tasks": [f"t{seed}"], "base_hash": base_hash})
+    return pairs
+
+
+def test_merge_is_exact_sum_of_deltas():
+    import merge
+    paths = [os.path.join(TMP, f"m{k}.safetensors") for k in range(3)]
+    specs = [(2, 4.0), (3, 3.0), (4, 16.0)]
+    teachers = [_random_teacher(p, k, r, a, "h0", None if k else ["transformer_blocks.0.attn.to_q"])
+                for k, (p, (r, a)) in enumerate(zip(paths, specs))]
+    w = [0.5, 0.3, 0.2]
+    pairs, rank, meta = merge.merge_files(paths, w)
+    assert rank == 9 and [m["weight"] for m in meta["merged_from"]] == w
+    for mod, (A, B) in pairs.items():
+        exact = sum(wk * (a / r) * t[mod][1] @ t[mod][0] for wk, (r, a), t in zip(w, specs, teachers) if mod in t)
+        close(B @ A, exact, 1e-6, f"merged delta of {mod}")
+    # the official code's average of A and B separately is not the average of the deltas
+    mod = "transformer_blocks.0.attn.to_q"
+    A2 = [t[mod][0] for t in teachers[:2]]
+    B2 = [t[mod][1] for t in teachers[:2]]
+    naive = ((B2[0][:, :2] + B2[1][:, :2]) / 2) @ ((A2[0] + A2[1][:2]) / 2)
+    assert (naive - (B2[0] @ A2[0] + B2[1][:, :2] @ A2[1][:2]) / 2).abs().max() > 1e-3
+    # a merged LoRA file applies the same delta as the dense sum
+    out = os.path.join(TMP, "merged.safetensors")
+    cli("merge.py", *paths, "--weights", *map(str, w), "--out", out)
+    model, reference = tiny_model(), tiny_model()
+    fm.load_lora(out, model.transformer, "m")
+    fm.set_adapter(model.transformer, "m")
+    with torch.no_grad():
+        for mod, (A, B) in pairs.items():
+            reference.transformer.get_submodule(mod).weight += B @ A
+    enc = fm.encode_prompts(model, ["a red square"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        close(fm.velocity(model, x, 0.4, enc), fm.velocity(reference, x, 0.4, enc), 1e-5, "merged file")
+
+
+def test_merge_refuses_teachers_of_different_bases():
+    a, b = os.path.join(TMP, "ba.safetensors"), os.path.join(TMP, "bb.safetensors")
+    _random_teacher(a, 1, 2, 2.0, "base-one")
+    _random_teacher(b, 2, 2, 2.0, "base-two")
+    out = os.path.join(TMP, "never.safetensors")
+    _, err = cli("merge.py", a, b, "--out", out, expect=2)
+    assert len(err.strip().splitlines()) == 1 and "different base" in err and not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------- Stage 2
+def test_eq9_dense_reward_is_the_gaussian_kl():
+    import opd_student as opd
+    torch.manual_seed(0)
+    sig = sampler.sigma_schedule(10)
+    x, v, v_star = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    for t in (0, 4, 8):
+        mu, std = sampler.gaussian_step(x, v, sig, t, 0.7)
+        mu_star, _ = sampler.gaussian_step(x, v_star, sig, t, 0.7)
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu.double(), std),
+                                               torch.distributions.Normal(mu_star.double(), std)).flatten(1).sum(1)
+        r = opd.dense_reward(v, v_star, sig, t, 0.7)
+        close(r / kl, -torch.ones(3), 1e-4, f"Eq. 10 = -KL at t={t}")
+        close(sampler.kl_per_dim(mu, mu_star, std) * mu[0].numel(), kl, 1e-3 * kl.max().item(), "kl_per_dim x D")
+
+
+def test_policy_gradient_of_the_dense_reward():
+    """The sampled log-ratio's policy gradient is -grad KL; Eq. 10's state reward (A_t = r_t) gives zero."""
+    import grpo_teacher as grpo
+    torch.manual_seed(0)
+    D, M, std = 4, 200000, 0.5
+    theta = torch.tensor([0.3, -0.2, 0.5, 0.0], requires_grad=True)  # the student's mean
+    mu_star = torch.tensor([0.0, 0.4, 0.1, -0.3])                     # the teacher's mean
+    x = (theta.detach() + std * torch.randn(M, D))                     # on-policy actions
+    old = sampler.log_prob(x, theta.detach().expand(M, D), std)
+    lp = sampler.log_prob(x, theta.expand(M, D), std)
+    kl = ((theta.detach() - mu_star) ** 2).sum() / (2 * std ** 2)
+    grads = {}
+    for name, adv in [("logratio", D * (sampler.log_prob(x, mu_star.expand(M, D), std) - old)),
+                      ("paper", -kl.expand(M))]:
+        loss, _ = grpo.clipped_surrogate(lp, old, adv, 1e-4)
+        grads[name] = torch.autograd.grad(loss.mean(), theta, retain_graph=True)[0]
+    true = (theta.detach() - mu_star) / (std ** 2 * D)  # grad of KL per dimension
+    print(f"    mean sampled log-ratio {float((D * (sampler.log_prob(x, mu_star.expand(M, D), std) - old)).mean()):.4f} "
+          f"vs -KL {-float(kl):.4f}; grad logratio {grads['logratio'].tolist()} vs {true.tolist()}; paper {grads['paper'].tolist()}")
+    close(grads["logratio"], true, 0.03, "logratio gradient = grad KL")
+    assert grads["paper"].abs().max() < 0.01, "A_t = r_t(x_t) carries no gradient for the step's own action"
+
+
+def _opd_setup():
+    """A base and two teachers (geneval, ocr) with different random adapters, plus a deqa anchor."""
+    base = base_ckpt()
+    h = fm.fingerprint(fm.load_model(base))
+    paths = {}
+    for k, task in enumerate(["geneval", "ocr", "deqa"]):
+        model = fm.load_model(base)
+        fm.add_lora(model.transformer, "t", 2, 4)
+        with torch.no_grad():
+            for p in fm.adapter_params(model.transformer, "t"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(k))
+        paths[task] = os.path.join(TMP, "teachers", f"{task}.safetensors")
+        fm.save_lora(paths[task], model.transformer, "t", {"role": "teacher", "tasks": [task], "base_hash": h,
+                                                           "base_path": base})
+    return base, paths
+
+
+def test_routing_gives_each_task_its_teacher():
+    import opd_student as opd
+    base, paths = _opd_setup()
+    model = fm.load_model(base)
+    for task in ("geneval", "ocr"):
+        fm.load_lora(paths[task], model.transformer, f"teacher:{task}")
+    prompts = [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "3"', "task": "ocr"},
+               {"prompt": "two squares", "task": "geneval"}]
+    groups = opd.route(prompts, {"geneval": paths["geneval"], "ocr": paths["ocr"]})
+    assert groups == {"geneval": [0, 2], "ocr": [1]}
+    enc = fm.encode_prompts(model, prompts)
+    x = torch.randn(3, 3, 32, 32)
+    v_star = opd.routed_velocity(model, x, 0.5, enc, groups, 1.0, 2)
+    for i, task in enumerate(["geneval", "ocr", "geneval"]):
+        ref = fm.load_model(base)
+        fm.load_lora(paths[task], ref.transformer, "x")
+        fm.set_adapter(ref.transformer, "x")
+        with torch.no_grad():
+            close(v_star[i], fm.velocity(ref, x[i:i + 1], 0.5, fm.select(enc, [i]))[0], 1e-5, f"sample {i} -> {task}")
+
+
+def test_mar_gradient_matches_finite_differences():
+    import mar
+    base, paths = _opd_setup()
+    model = fm.load_model(base)
+    fm.load_lora(paths["deqa"], model.transformer, "anchor")
+    fm.add_lora(model.transformer, "student", 2, 4)
+    p = fm.adapter_params(model.transformer, "student")[1]  # a lora_B: a nonzero gradient from the start
+    p.requires_grad_(True)
+    enc = fm.encode_prompts(model, ["the sea at noon", "a blue circle"])
+    sig = sampler.sigma_schedule(10)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mu_a = mar.anchor_mean(model, "anchor", x, sig, 3, enc, 1.0, 0.7)
+
+    def loss():
+        fm.set_adapter(model.transformer, "student")
+        mu, std = sampler.gaussian_step(x, fm.velocity(model, x, float(sig[3]), enc), sig, 3, 0.7)
+        return mar.mar_loss(mu, mu_a, std, beta=0.04)
+
+    g = torch.autograd.grad(loss(), p)[0]
+    i = g.abs().flatten().argmax()
+    h = 1e-2
+    with torch.no_grad():
+        p.view(-1)[i] += h
+        up = loss()
+        p.view(-1)[i] -= 2 * h
+        down = loss()
+        p.view(-1)[i] += h
+    fd = (up - down) / (2 * h)
+    print(f"    autograd {g.flatten()[i].item():.6e} finite difference {fd.item():.6e}")
+    assert abs(fd - g.flatten()[i]) <= 2e-3 * abs(g.flatten()[i]) + 1e-9
+
+
+def test_opd_two_process_update_and_routing_errors():
+    base, paths = _opd_setup()
+    common = ["--model", base, "--teachers", paths["geneval"], paths["ocr"], "--anchor", paths["deqa"],
+              "--steps", "1", "--init", "merge", *TINY_RUN]
+    one, two = os.path.join(TMP, "o1.jsonl"), os.path.join(TMP, "o2.jsonl")
+    out1 = os.path.join(TMP, "students", "o1.safetensors")
+    cli("opd_student.py", *common, "--out", out1, "--log_file", one)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "opd_student.py", *common, "--out", os.path.join(TMP, "students", "o2.safetensors"), "--log_file", two],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = read_log(one)[0], read_log(two)[0]
+    print(f"    1 process: loss {a['loss']:.8f} grad norm {a['grad_norm']:.8f} mar {a['mar_kl']:.6f} | "
+          f"2 processes: loss {b['loss']:.8f} grad norm {b['grad_norm']:.8f}")
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
+    assert a["mar_kl"] > 0 and "opd/vel_mse/geneval" in a and "opd/vel_mse/ocr" in a
+    meta = fm.read_lora(out1)[3]
+    assert meta["role"] == "student" and [t["task"] for t in meta["teachers"]] == ["geneval", "ocr"]
+    # routing errors: a label no teacher covers, two teachers for one label
+    _, err = cli("opd_student.py", *common, "--tasks", "geneval", "pickscore", "--out", os.path.join(TMP, "x.safetensors"), expect=2)
+    assert "'pickscore' has no teacher" in err and len(err.strip().splitlines()) == 1
+    _, err = cli("opd_student.py", "--model", base, "--teachers", f"ocr={paths['geneval']}", paths["ocr"],
+                 "--out", os.path.join(TMP, "x.safetensors"), expect=2)
+    assert "two teachers claim task 'ocr'" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(os.path.join(TMP, "x.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_exit_2_with_one_line():
+    good = os.path.join(TMP, "base.safetensors")
+    fm.save_model(tiny_model(), good)
+    trunc = os.path.join(TMP, "truncated.safetensors")
+    open(trunc, "wb").write(open(good, "rb").read()[:5000])
+    bad_prompts = os.path.join(TMP, "bad.jsonl")
+    open(bad_prompts, "w").write('{"prompt": "a circle", "task": "geneval"}\nnot json\n')
+    cases = [
+        (["eval.py", os.path.join(TMP, "missing.safetensors")], "does not exist"),
+        (["eval.py", trunc], "not a readable safetensors"),
+        (["eval.py", good, "--n", "0"], "--n"),
+        (["eval.py", good, "--guidance", "-1"], "--guidance"),
+        (["sde_sampler.py", "--model", good, "--noise_level", "5"], "--noise_level"),
+        (["sde_sampler.py", "--model", good, "--prompt", "a flying unicorn"], "no word 'flying'"),
+        (["flow_matching.py", "--steps", "0"], "--steps"),
+        (["flow_matching.py", "--out", "/proc/nope/base.safetensors"], "--out"),
+    ]
+    for args, needle in cases:
+        _, err = cli(*args, expect=2)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, f"{args}: {err[-600:]}"
+    try:
+        mw.read_prompt_file(bad_prompts)
+        raise AssertionError("malformed prompt file accepted")
+    except mw.BadInput as e:
+        assert ":2:" in str(e)
+
+
+# ----------------------------------------------------------------------------------------------- runner
+def main():
+    names = sys.argv[1:]
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f)
+             and (not names or any(s in n for s in names))]
+    passed = failed = 0
+    for name, fn in tests:
+        t0 = time.time()
+        try:
+            fn()
+            passed += 1
+            print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
+        except Exception:
+            failed += 1
+            print(f"FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
