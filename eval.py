@@ -5,7 +5,8 @@
 A checkpoint is a base model or a LoRA (a teacher or a student; it records its base, or give --model). Every row
 uses the same prompts and the same initial noise, so rows differ only by the model. Columns as in the paper:
 GenEval (strict: every check passes), OCR Acc., DeQA, PickScore, and Avg = mean(GenEval, OCR, DeQA/5, PickScore/26),
-each with its standard error. Writes <out>/table.md, <out>/table.json and a grid <out>/<row>.png per checkpoint.
+each with its standard error. Writes <out>/table.md, <out>/table.json, a grid <out>/<row>.png per checkpoint and
+<out>/compare.png, the same prompts side by side across rows.
 """
 import argparse
 import json
@@ -36,6 +37,24 @@ def grid(images, captions, cols=8, scale=4):
         x, y = (i % cols) * w, (i // cols) * (w + cap)
         canvas.paste(Image.fromarray(arr[i]).resize((w, w), Image.NEAREST), (x, y))
         draw.multiline_text((x + 2, y + w + 1), "\n".join(textwrap.wrap(captions[i], 24)[:3]), fill="black")
+    return canvas
+
+
+def comparison(images_by_row, prompts, per_task=3, scale=3):
+    """One picture: a row per checkpoint, the same prompts (per_task of each task) in the same columns."""
+    names = list(images_by_row)
+    cols = [i for i in range(len(prompts)) if i % 8 < per_task]
+    H = images_by_row[names[0]].shape[-1] * scale
+    left, top = 150, 46
+    canvas = Image.new("RGB", (left + len(cols) * H, top + len(names) * H), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, i in enumerate(cols):
+        draw.multiline_text((left + j * H + 2, 2), "\n".join(textwrap.wrap(prompts[i], 17)[:3]), fill="black")
+    for r, name in enumerate(names):
+        draw.multiline_text((4, top + r * H + H // 3), "\n".join(textwrap.wrap(name, 22)[:3]), fill="black")
+        arr = (images_by_row[name].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        for j, i in enumerate(cols):
+            canvas.paste(Image.fromarray(arr[i]).resize((H, H), Image.NEAREST), (left + j * H, top + r * H))
     return canvas
 
 
@@ -124,12 +143,12 @@ def main(argv=None):
     sampler.check_sampling_args(args.steps, args.guidance, 0.0)
     fm.check_writable(os.path.join(args.out, "table.md"))
     named = [c.split("=", 1) if "=" in c else (os.path.basename(c).rsplit(".", 1)[0], c) for c in args.ckpts]
-    rows, raw = {}, {}
+    rows, raw, pictures = {}, {}, {}
     for name, path in named:
         model = load_row(path, args.model)
         scores, images, shown = evaluate(model, args.n, args.steps, args.guidance, args.seed)
-        rows[name], raw[name] = summarise(scores), scores
-        grid(images, shown).save(os.path.join(args.out, f"{name}.png"))
+        rows[name], raw[name], pictures[name] = summarise(scores), scores, images
+        grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
         print(markdown({name: rows[name]}).splitlines()[-1], flush=True)
     table = markdown(rows)
     print("\n" + table)
@@ -137,7 +156,8 @@ def main(argv=None):
         f.write(table + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump({"rows": rows, "scores": raw, "args": vars(args)}, f, indent=1)
-    print(f"wrote {args.out}/table.md, table.json and a grid per row")
+    comparison(pictures, shown).save(os.path.join(args.out, "compare.png"))
+    print(f"wrote {args.out}/table.md, table.json, compare.png (the same prompts across rows) and a grid per row")
 
 
 if __name__ == "__main__":

@@ -109,8 +109,12 @@ def load_model(source, device="cpu", dtype=torch.float32):
         model.text_encoder.to(device).requires_grad_(False)
         return model
     from diffusers import StableDiffusion3Pipeline
+    absent = {}  # components saved as null (no T5, say) must be passed as None explicitly
+    index = os.path.join(source, "model_index.json")
+    if os.path.isfile(index):
+        absent = {k: None for k, v in json.load(open(index)).items() if isinstance(v, list) and v[0] is None}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype)
+        pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype, **absent)
     except Exception as e:
         raise BadInput(f"cannot load {source!r} as a Stable Diffusion 3 pipeline ({type(e).__name__}: {str(e)[:200]}); "
                        "give a mini .safetensors checkpoint or a diffusers SD3 directory / hub id") from None
@@ -381,62 +385,12 @@ def add_lora_pairs(transformer, name, pairs, rank, alpha, source="adapter"):
             layer.lora_B[name].weight.data.zero_()
 
 
-# ----------------------------------------------------------------------------------------------- torchrun
-def dist_setup():
-    """(rank, world, device). Under torchrun: nccl on CUDA, gloo on CPU. Alone: (0, 1, cuda or cpu)."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
-def all_gather(x, world):
-    """Concatenate each rank's (n, ...) tensor in rank order (every rank gets the whole)."""
-    if world == 1:
-        return x
-    import torch.distributed as dist
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def all_reduce_mean(tensors, world):
-    """Average gradients (or stats) over ranks in place: what DDP does, for the few LoRA tensors we train."""
-    if world == 1:
-        return
-    import torch.distributed as dist
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    i = 0
-    for t in tensors:
-        t.copy_(flat[i:i + t.numel()].view_as(t))
-        i += t.numel()
-
-
-def sample_noise(seed, step, indices, shape, steps):
-    """Initial noise and SDE noise for global samples `indices`, each from its own seed: the same sample gets the
-    same noise on 1 rank or 8. Returns x_0 (n, *shape) and eps (n, steps, *shape)."""
-    x, eps = [], []
-    for i in indices:
-        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + int(i)) % 2 ** 63)
-        x.append(torch.randn(shape, generator=g))
-        eps.append(torch.randn((steps, *shape), generator=g))
-    return torch.stack(x), torch.stack(eps)
-
-
 # ----------------------------------------------------------------------------------------------- pretraining
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Pretrain the mini world's base model with flow matching (Eq. 1).")
     ap.add_argument("--out", default="ckpts/base.safetensors")
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=2300)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")

@@ -17,6 +17,7 @@ import random
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import flow_matching as fm
@@ -25,6 +26,54 @@ import rewards
 import sde_sampler as sampler
 
 
+# ----------------------------------------------------------------------------------------------- torchrun
+def dist_setup():
+    """(rank, world, device). Under torchrun: nccl on CUDA, gloo on CPU. Alone: (0, 1, cuda or cpu)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def all_gather(x, world):
+    """Concatenate each rank's (n, ...) tensor in rank order (every rank gets the whole)."""
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_mean(tensors, world):
+    """Average gradients (or stats) over ranks in place: what DDP does, for the few LoRA tensors we train."""
+    if world == 1:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+def sample_noise(seed, step, indices, shape, steps):
+    """Initial noise and SDE noise for global samples `indices`, each from its own seed: the same sample gets the
+    same noise on 1 rank or 8. Returns x_0 (n, *shape) and eps (n, steps, *shape)."""
+    x, eps = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + int(i)) % 2 ** 63)
+        x.append(torch.randn(shape, generator=g))
+        eps.append(torch.randn((steps, *shape), generator=g))
+    return torch.stack(x), torch.stack(eps)
+
+
+# ----------------------------------------------------------------------------------------------- Flow-GRPO
 def group_advantages(R, group):
     """(N,) rewards of N/group prompts x group samples, in prompt order -> (N,) group-relative advantages."""
     r = R.view(-1, group)
@@ -101,7 +150,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=0.04, help="KL to the frozen base (Flow-GRPO: 0.04, PickScore 0.01)")
     ap.add_argument("--out", default=None, help="default: ckpts/teachers/<reward>.safetensors, or ckpts/baselines/ for a mix")
     args = ap.parse_args(argv)
-    rank, world, device = fm.dist_setup()
+    rank, world, device = dist_setup()
     weights = rewards.parse_spec(args.reward)
     tasks = list(dict.fromkeys(weights))  # a reward's name is the task label it serves
     role = "teacher" if len(weights) == 1 else "mix"
@@ -138,13 +187,13 @@ def main(argv=None):
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
-        x, eps = fm.sample_noise(args.seed, step, local, model.latent_shape(), T)
+        x, eps = sample_noise(args.seed, step, local, model.latent_shape(), T)
         fm.set_adapter(model.transformer, "policy")
         traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp = traj["states"], traj["sigmas"], traj["log_probs"].to(device)
         t1 = time.time()
         total, each = rewards.combine(weights, fm.to_images(model, states[:, -1]), prompts)
-        R = fm.all_gather(total.to(device), world)
+        R = all_gather(total.to(device), world)
         adv = group_advantages(R, args.group)[local[0]:local[-1] + 1]
         t2 = time.time()
 
@@ -177,10 +226,10 @@ def main(argv=None):
                         if epoch == 0:
                             ratio_dev = max(ratio_dev, float((ratio - 1).abs().max()))
             grads = [p.grad for p in params]
-            fm.all_reduce_mean(grads, world)
+            all_reduce_mean(grads, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
-        fm.all_reduce_mean([stats], world)
+        all_reduce_mean([stats], world)
         t3 = time.time()
 
         if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):

@@ -1,7 +1,7 @@
 """The mini world: a procedural text-to-image world with the paper's four tasks at toy scale (32x32 RGB).
 
   geneval   : shapes with colours, counts and positions      ("a red circle left of a blue square")
-  ocr       : a short string of digits                       ('the text "47"')
+  ocr       : one or two digits                               ('the text "47"')
   pickscore : a scene to be liked                             ("a yellow circle over the sea at sunset")
   deqa      : a scene to be rendered cleanly                  ("the hills at night")
 
@@ -39,7 +39,8 @@ SCENES = {"sea": (0.10, 0.30, 0.70), "hills": (0.20, 0.60, 0.20), "desert": (0.8
 FONT = {"0": "111101101101111", "1": "110010010010111", "2": "111001111100111", "3": "111001111001111",
         "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
         "8": "111101111101111", "9": "111101111001111"}  # 3x5 glyphs; every glyph touches all four sides
-GLYPH_W, GLYPH_H, GLYPH_GAP = 6, 10, 2                  # drawn at scale 2
+GLYPH_SCALE = 4  # one font pixel = one 4x4 patch of the mini model: text on the patch grid, like a sign
+GLYPH_W, GLYPH_H, GLYPH_GAP = 3 * GLYPH_SCALE, 5 * GLYPH_SCALE, GLYPH_SCALE
 VOCAB = (["<pad>", "a", "an", "the", "and", "of", "at", "over", "text", '"', "left", "right", "above", "below"]
          + list(COLORS) + list(SHAPES) + list(PLURAL.values()) + list(NUMBERS) + list(TIMES) + list(SCENES)
          + list(FONT))
@@ -71,7 +72,7 @@ def all_prompts(task):
         out += [f"a {a} {r} a {b}" for r in RELATIONS for a in SHAPES for b in SHAPES if a != b]
         return out
     if task == "ocr":
-        return [f'the text "{n}"' for n in range(1000)]  # 1 to 3 digits
+        return [f'the text "{n}"' for n in range(100)]  # 1 or 2 digits
     if task in ("pickscore", "deqa"):
         out = [f"the {sc} at {t}" for sc in SCENES for t in TIMES]
         return out + [f"a {c} {s} over the {sc} at {t}" for c in COLORS for s in SHAPES for sc in SCENES for t in TIMES]
@@ -205,7 +206,7 @@ def render_geneval(spec, rng):
     used = {c for _, c in objs if c}
     free = [c for c in COLORS if c not in used]
     objs = [(s, c or rng.choice(free)) for s, c in objs]
-    r = 4.5 if len(objs) <= 2 else 4.0
+    r = 5.5 if len(objs) <= 2 else 4.0
     for (shape, color), (cx, cy) in zip(objs, _place(rng, [r] * len(objs), spec["relation"])):
         paint(img, shape_mask(shape, cx, cy, r * rng.uniform(0.9, 1.1)), COLORS[color])
     return img
@@ -217,10 +218,11 @@ def render_ocr(text, rng):
     img[:] = torch.tensor(bg).view(3, 1, 1)
     ink = rng.uniform(0.85, 0.97)
     w = len(text) * (GLYPH_W + GLYPH_GAP) - GLYPH_GAP
-    x0, y0 = rng.randint(1, SIZE - w - 1), rng.randint(2, SIZE - GLYPH_H - 2)
+    x0 = GLYPH_SCALE * rng.randint(0, (SIZE - w) // GLYPH_SCALE)      # anywhere it fits, on the patch grid
+    y0 = GLYPH_SCALE * rng.randint(0, (SIZE - GLYPH_H) // GLYPH_SCALE)
     for k, ch in enumerate(text):
         bits = torch.tensor([int(b) for b in FONT[ch]], dtype=torch.float32).view(5, 3)
-        glyph = bits.repeat_interleave(2, 0).repeat_interleave(2, 1).bool()
+        glyph = bits.repeat_interleave(GLYPH_SCALE, 0).repeat_interleave(GLYPH_SCALE, 1).bool()
         x = x0 + k * (GLYPH_W + GLYPH_GAP)
         img[:, y0:y0 + GLYPH_H, x:x + GLYPH_W][:, glyph] = ink
     return img
@@ -288,10 +290,10 @@ def corrupt(text, rng):
 
 
 def render(text, rng=None, defects=False):
-    """Draw a prompt. With defects=True about 40% of images come out wrong or degraded, on purpose."""
+    """Draw a prompt. With defects=True about a third of images come out wrong or degraded, on purpose."""
     rng = rng or random.Random()
     spec = parse(text)
-    if defects and rng.random() < 0.25 and spec["task"] in ("geneval", "ocr"):
+    if defects and rng.random() < 0.15 and spec["task"] in ("geneval", "ocr"):
         spec = corrupt(text, rng)
     if spec["task"] == "geneval":
         img = render_geneval(spec, rng)
@@ -299,7 +301,7 @@ def render(text, rng=None, defects=False):
         img = render_ocr(spec["text"], rng)
     else:
         img = render_general(spec, rng)
-    if defects and rng.random() < 0.3:
+    if defects and rng.random() < 0.25:
         kind = rng.choice(["blur", "noise", "dull", "clutter"])
         if kind == "blur":
             img = blur(img)

@@ -159,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--tasks", nargs="+", default=None, help="prompt task labels to train on (default: the teachers')")
     ap.add_argument("--out", default="ckpts/students/opd.safetensors")
     args = ap.parse_args(argv)
-    rank, world, device = fm.dist_setup()
+    rank, world, device = grpo.dist_setup()
     if len(args.teachers) == 1 and os.path.isdir(args.teachers[0]) and not os.path.isfile(
             os.path.join(args.teachers[0], "adapter_config.json")):  # a folder of teachers
         args.teachers = sorted(os.path.join(args.teachers[0], f) for f in os.listdir(args.teachers[0]))
@@ -200,7 +200,7 @@ def main(argv=None):
               f"{anchor or 'none'}; init {args.init}; {len(params) // 2} adapted layers")
     if args.init == "sft":
         sft_cold_start(model, routes, args, device)
-        fm.all_reduce_mean([p.data for p in params], world)
+        grpo.all_reduce_mean([p.data for p in params], world)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -222,7 +222,7 @@ def main(argv=None):
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
-        x, eps = fm.sample_noise(args.seed, step, local, model.latent_shape(), T)
+        x, eps = grpo.sample_noise(args.seed, step, local, model.latent_shape(), T)
         # 1. the student's own trajectories
         fm.set_adapter(model.transformer, "student")
         traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
@@ -253,7 +253,7 @@ def main(argv=None):
                     mu_anchor[t] = mar.anchor_mean(model, anchor_name, states[:, t], sigmas, t, enc, args.guidance,
                                                    args.noise_level)
         if args.adv_norm:
-            a = fm.all_gather(adv[:, sde].flatten(), world)
+            a = grpo.all_gather(adv[:, sde].flatten(), world)
             adv = (adv - a.mean()) / (a.std() + 1e-8)
         t2 = time.time()
 
@@ -275,10 +275,10 @@ def main(argv=None):
                         stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
                                               ((ratio - 1).abs() > args.clip).float().sum(),
                                               (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
-            fm.all_reduce_mean([p.grad for p in params], world)
+            grpo.all_reduce_mean([p.grad for p in params], world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             opt.step()
-        fm.all_reduce_mean([stats], world)
+        grpo.all_reduce_mean([stats], world)
         t3 = time.time()
 
         if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):

@@ -110,7 +110,7 @@ def read_text(img):
         return ""
     x0, x1, y0, y1 = int(cols.min()), int(cols.max()) + 1, int(rows.min()), int(rows.max()) + 1
     stride = mw.GLYPH_W + mw.GLYPH_GAP
-    n = max(1, min(4, round((x1 - x0 + mw.GLYPH_GAP) / stride)))
+    n = max(1, min(3, round((x1 - x0 + mw.GLYPH_GAP) / stride)))
     cell = (x1 - x0 + mw.GLYPH_GAP) / n
     norm = ((gray - bg) / (ink - bg)).clamp(0, 1)
     text = ""

@@ -122,9 +122,12 @@ def main(argv=None):
     ap.add_argument("--noise_level", type=float, default=0.0, help="a of Eq. 5; 0 samples the ODE")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="samples.png")
+    ap.add_argument("--bench", type=int, default=0, metavar="B", help="time B-sample SDE rollouts against the floor")
     args = ap.parse_args(argv)
     check_sampling_args(args.steps, args.guidance, args.noise_level)
     model = fm.load_model(args.model)
+    if args.bench:
+        return bench(model, args)
     if args.lora:
         fm.load_lora(args.lora, model.transformer, "lora")
         fm.set_adapter(model.transformer, "lora")
@@ -136,6 +139,33 @@ def main(argv=None):
     import eval as ev
     ev.grid(fm.to_images(model, out["states"][:, -1]), prompts).save(args.out)
     print(f"wrote {args.out}")
+
+
+def bench(model, args):
+    """Rollout throughput (trajectories/s) against its floor: `steps` batched forwards and nothing else."""
+    import time
+    import miniworld as mw
+    prompts = [next(mw.train_prompts()) for _ in range(args.bench)]
+    enc = fm.encode_prompts(model, prompts)
+    x = torch.randn((args.bench, *model.latent_shape()))
+    a = args.noise_level or 0.7
+
+    def timed(fn, reps=5):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[reps // 2]
+
+    with torch.no_grad():
+        forward = timed(lambda: fm.velocity(model, x, 0.5, enc, args.guidance))
+    rollout = timed(lambda: sample(model, enc, args.steps, args.guidance, a, x=x))
+    floor = args.steps * forward
+    print(f"batch {args.bench}, {args.steps} steps, guidance {args.guidance}: one forward {forward * 1e3:.1f} ms; "
+          f"rollout {rollout * 1e3:.0f} ms = {args.bench / rollout:.1f} trajectories/s; floor {floor * 1e3:.0f} ms "
+          f"= {args.bench / floor:.1f}/s; overhead {100 * (rollout / floor - 1):.1f}%")
 
 
 def check_sampling_args(steps, guidance, noise_level):
