@@ -74,13 +74,13 @@ def load_row(path, model_path=None):
             if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
                 raise fm.BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
                                   f"{fm.fingerprint(model)}); give the right --model")
-            fm.load_lora(path, model.transformer, "eval")
-            fm.set_adapter(model.transformer, "eval")
+            fm.load_lora(path, model.transformer, "row")
+            fm.set_adapter(model.transformer, "row")
             return model
     if model_path and os.path.isdir(path):  # a peft adapter directory on --model
         model = fm.load_model(model_path)
-        fm.load_lora(path, model.transformer, "eval")
-        fm.set_adapter(model.transformer, "eval")
+        fm.load_lora(path, model.transformer, "row")
+        fm.set_adapter(model.transformer, "row")
         return model
     return fm.load_model(path)
 

@@ -596,6 +596,21 @@ def test_opd_two_process_update_and_routing_errors():
     assert not os.path.exists(os.path.join(TMP, "x.safetensors"))
 
 
+def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
+    base = base_ckpt()
+    model = fm.load_model(base)
+    fm.add_lora(model.transformer, "t", 2, 4)  # B = 0: a zero delta
+    lora = os.path.join(TMP, "zero.safetensors")
+    fm.save_lora(lora, model.transformer, "t", {"role": "teacher", "tasks": ["ocr"], "base_path": base,
+                                                "base_hash": fm.fingerprint(model)})
+    out = os.path.join(TMP, "eval_out")
+    cli("eval.py", f"Base={base}", f"Zero LoRA={lora}", "--n", "4", "--steps", "3", "--out", out)
+    table = json.load(open(os.path.join(out, "table.json")))
+    assert list(table["rows"]) == ["Base", "Zero LoRA"] and table["scores"]["Base"] == table["scores"]["Zero LoRA"]
+    assert os.path.exists(os.path.join(out, "compare.png")) and os.path.exists(os.path.join(out, "Zero_LoRA.png"))
+    assert "| Zero LoRA |" in open(os.path.join(out, "table.md")).read()
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_exit_2_with_one_line():
     good = os.path.join(TMP, "base.safetensors")
