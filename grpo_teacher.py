@@ -109,7 +109,7 @@ def add_common_args(ap):
     ap.add_argument("--sde_window", type=int, nargs=2, default=None, help="train only steps [a, b) (Flow-GRPO-Fast)")
     ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale in rollouts and updates (SD3.5: 4.5)")
     ap.add_argument("--noise_level", type=float, default=0.7, help="a of Eq. 5")
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=3e-4, help="Flow-GRPO on SD3.5: 3e-4")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (SD3.5: 32)")
     ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha (SD3.5: 64)")
     ap.add_argument("--clip", type=float, default=1e-4, help="eps of Eq. 11 (log-probs are per dimension)")
@@ -146,6 +146,7 @@ def policy_step(model, states, sigmas, t, enc, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Stage 1: train a Flow-GRPO LoRA teacher for one reward (or GRPO-Mix).")
     add_common_args(ap)
+    ap.set_defaults(lr=3e-3)  # measured: 3e-4 barely moves the mini model in 60 steps, 3e-3 lifts PickScore in 40
     ap.add_argument("--reward", default="ocr", help="geneval | ocr | pickscore | deqa, or name:weight,... (GRPO-Mix)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL to the frozen base (Flow-GRPO: 0.04, PickScore 0.01)")
     ap.add_argument("--out", default=None, help="default: ckpts/teachers/<reward>.safetensors, or ckpts/baselines/ for a mix")
