@@ -138,6 +138,9 @@ def atomic_save(tensors, path, metadata):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared checkpoint should follow the umask
     os.replace(tmp, path)  # never a half-written file over a good one
 
 
