@@ -58,7 +58,7 @@ def comparison(images_by_row, prompts, per_task=3, scale=3):
     return canvas
 
 
-def load_row(path, model_path=None):
+def load_row(path, model_path=None, device="cpu", dtype=torch.float32):
     """A base checkpoint, or a LoRA applied to its base. Returns the model ready to sample."""
     if path.endswith(".safetensors") and os.path.isfile(path):
         from safetensors import safe_open
@@ -70,7 +70,7 @@ def load_row(path, model_path=None):
         if fmt == "flow-opd-lora":
             meta = fm.read_lora(path)[3]
             base = model_path or meta.get("base_path")
-            model = fm.load_model(base)
+            model = fm.load_model(base, device, dtype)
             if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
                 raise fm.BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
                                   f"{fm.fingerprint(model)}); give the right --model")
@@ -78,21 +78,23 @@ def load_row(path, model_path=None):
             fm.set_adapter(model.transformer, "row")
             return model
     if model_path and os.path.isdir(path):  # a peft adapter directory on --model
-        model = fm.load_model(model_path)
+        model = fm.load_model(model_path, device, dtype)
         fm.load_lora(path, model.transformer, "row")
         fm.set_adapter(model.transformer, "row")
         return model
-    return fm.load_model(path)
+    return fm.load_model(path, device, dtype)
 
 
 @torch.no_grad()
-def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, tasks=mw.TASKS):
-    """Score n held-out prompts per task. Returns ({column: [scores]}, images, prompts) for the grid."""
+def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=512, prompts_by_task=None):
+    """Score n held-out prompts per task (the mini world's, or the first n of each task's prompt file).
+    Returns ({column: [scores]}, images, prompts) for the grid."""
     scores, images, shown = {}, [], []
-    for task in tasks:
-        prompts = mw.eval_prompts(task, n)
+    for task in mw.TASKS:
+        prompts = (prompts_by_task or {}).get(task) or mw.eval_prompts(task, n)
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
         g = torch.Generator().manual_seed(seed + mw.TASKS.index(task))
-        noise = torch.randn((n, *model.latent_shape()), generator=g)  # the same for every row
+        noise = torch.randn((n, *model.latent_shape(resolution)), generator=g)  # the same for every row
         vals = []
         for i in range(0, n, batch):
             chunk = prompts[i:i + batch]
@@ -137,21 +139,37 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="eval_out")
+    ap.add_argument("--batch", type=int, default=64, help="samples per forward")
+    ap.add_argument("--resolution", type=int, default=512, help="SD3 image size (the mini world is 32x32)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--prompt_file", nargs="+", default=None, help="TASK=PATH or JSONL {prompt, task}: evaluate "
+                    "these prompts (the first --n of each task) instead of the mini world's held-out ones")
+    rewards.add_args(ap)
     args = ap.parse_args(argv)
     if args.n < 2:
         raise fm.BadInput(f"--n must be >= 2 prompts per task, got {args.n}")
     sampler.check_sampling_args(args.steps, args.guidance, 0.0)
     fm.check_writable(os.path.join(args.out, "table.md"))
+    by_task = {}
+    for spec in args.prompt_file or []:
+        for p in mw.read_prompt_file(spec):
+            by_task.setdefault(p["task"], []).append(p)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else torch.float32
+    rewards.use_backends(args, device)
     named = [c.split("=", 1) if "=" in c else (os.path.basename(c).rsplit(".", 1)[0], c) for c in args.ckpts]
     rows, raw, pictures = {}, {}, {}
     for name, path in named:
-        model = load_row(path, args.model)
-        scores, images, shown = evaluate(model, args.n, args.steps, args.guidance, args.seed)
+        model = load_row(path, args.model, device, dtype)
+        scores, images, shown = evaluate(model, args.n, args.steps, args.guidance, args.seed, args.batch,
+                                         args.resolution, by_task)
         rows[name], raw[name], pictures[name] = summarise(scores), scores, images
-        grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
         print(markdown({name: rows[name]}).splitlines()[-1], flush=True)
     table = markdown(rows)
     print("\n" + table)
+    os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
+    for name, images in pictures.items():
+        grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:

@@ -14,11 +14,15 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -43,7 +47,8 @@ class MiniTextEncoder(nn.Module):
     def __init__(self, dim=128, pooled_dim=128):
         super().__init__()
         self.tok = nn.Embedding(len(mw.VOCAB), dim)
-        self.pos = nn.Parameter(torch.randn(MAX_TOKENS, dim) * 0.02)
+        # as large as the word embeddings: "47" vs "74" and "left of" differ only by position (0.02 gave OCR 0.18)
+        self.pos = nn.Parameter(torch.randn(MAX_TOKENS, dim))
         self.pool = nn.Linear(dim, pooled_dim)
 
     def forward(self, prompts):
@@ -363,6 +368,21 @@ def read_lora(path):
     return {k: tuple(v) for k, v in pairs.items()}, rank, alpha, meta
 
 
+def fetch_adapter(path):
+    """A local LoRA file or peft dir, or a hub id (owner/name, e.g. jieliu/SD3.5M-FlowGRPO-Text) fetched with
+    huggingface_hub (a diffusers dependency). Returns a local path."""
+    if os.path.exists(path) or path.endswith(".safetensors") or path.count("/") != 1:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        local = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:
+        raise BadInput(f"{path} is neither a local path nor a downloadable hub adapter ({type(e).__name__}); "
+                       "download it and give the directory") from None
+    found = [r for r, _, files in os.walk(local) if "adapter_config.json" in files]
+    return found[0] if len(found) == 1 else local
+
+
 def load_lora(path, transformer, name):
     """Read a LoRA file or peft directory into a new named adapter. Returns our metadata (or {})."""
     pairs, rank, alpha, meta = read_lora(path)
@@ -388,7 +408,139 @@ def add_lora_pairs(transformer, name, pairs, rank, alpha, source="adapter"):
             layer.lora_B[name].weight.data.zero_()
 
 
+# ----------------------------------------------------------------------------------------------- runs survive
+# A run writing OUT keeps one resumable checkpoint in a hidden folder beside it (shell globs skip it):
+#   .OUT.resume/step_00000050/state.safetensors   weights, optimizer, step, data position (rank 0; JSON metadata)
+#                             rng_rank<r>.json    every RNG state of process r
+# written as .step_*.tmp and renamed once complete, so a crash never leaves a half checkpoint over a good one.
+class Diverged(RuntimeError):
+    """K updates in a row had a NaN / inf loss or gradient."""
+
+
+STOP = {}  # the signal that asked this process to stop
+
+
+def catch_signals():
+    """SIGINT / SIGTERM ask the loop to checkpoint at the end of its step and exit 0; a second one kills."""
+    def handler(signum, frame):
+        STOP["signal"] = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
+def stop_requested(world, device="cpu"):
+    """Did any rank get a signal? Every rank must agree, or the collective ops of the next step hang."""
+    flag = torch.tensor([float("signal" in STOP)], device=device)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def state_dir(out):
+    d, name = os.path.split(os.path.abspath(out))
+    return os.path.join(d, f".{name.rsplit('.', 1)[0]}.resume")
+
+
+def rng_states(*loop_rngs):
+    """Every RNG this process draws from, as JSON: torch (CPU, CUDA), numpy, python and the loop's own Randoms."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate(), "loop": [r.getstate() for r in loop_rngs]}
+
+
+def set_rng_states(st, *loop_rngs):
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if st["cuda"]:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+    np.random.set_state((st["numpy"][0], np.array(st["numpy"][1], dtype=np.uint32), *st["numpy"][2:]))
+    for r, s in zip([random, *loop_rngs], [st["python"], *st["loop"]]):
+        r.setstate((s[0], tuple(s[1]), s[2]))
+
+
+def save_state(out, step, tensors, opt, meta, loop_rngs=(), rank=0, world=1):
+    """One resumable checkpoint of `step` (every rank calls it), replacing the previous one only once complete."""
+    root = state_dir(out)
+    tmp, final = os.path.join(root, f".step_{step:08d}.tmp"), os.path.join(root, f"step_{step:08d}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world)
+    with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
+        json.dump(rng_states(*loop_rngs), f)
+    barrier(world)
+    if rank == 0:
+        sd = opt.state_dict()  # AdamW: {"state": {i: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
+        tensors = {**tensors, **{f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
+        meta = {**meta, "step": step, "world": world, "param_groups": sd["param_groups"]}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"),
+                  metadata={"flow_opd_state": json.dumps(meta)})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for d in os.listdir(root):
+            if d.startswith("step_") and d != os.path.basename(final):
+                shutil.rmtree(os.path.join(root, d))
+    barrier(world)
+
+
+def load_state(out, opt, config, rank=0, world=1, loop_rngs=(), may_change=()):
+    """The latest checkpoint of the run writing `out`: restores the optimizer and every RNG, returns (tensors, meta).
+    Refuses other flags than the run's (except those that may change: --steps, logging) and another world size."""
+    root = state_dir(out)
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    if not steps:
+        raise BadInput(f"--resume: no checkpoint of {out} in {root}; run without --resume to start from scratch")
+    path = os.path.join(root, steps[-1])
+    try:
+        with safe_open(os.path.join(path, "state.safetensors"), "pt") as f:
+            meta, tensors = json.loads(f.metadata()["flow_opd_state"]), {k: f.get_tensor(k) for k in f.keys()}
+        rng = json.load(open(os.path.join(path, f"rng_rank{rank}.json")))
+    except Exception as e:
+        raise BadInput(f"--resume: {path} is damaged ({type(e).__name__}); delete it to start from scratch") from None
+    if meta["world"] != world:
+        raise BadInput(f"--resume: {path} was written by {meta['world']} process(es), this run has {world}; "
+                       f"resume with --nproc_per_node={meta['world']}")
+    may_change = {"steps", "resume", "save_every", "log_every", "log_file", "threads", "max_bad_steps", *may_change}
+    now = json.loads(json.dumps(config))
+    changed = [f"--{k} was {meta['config'].get(k)!r}, now {v!r}" for k, v in now.items()
+               if k not in may_change and meta["config"].get(k) != v]
+    if changed:
+        raise BadInput(f"--resume with other flags than the run's: {'; '.join(changed)}; resume with the same flags "
+                       "or drop --resume to start over")
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    set_rng_states(rng, *loop_rngs)
+    return tensors, meta
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def finite_or_skip(ok, bad, step, max_bad, out):
+    """NaN guard: count a skipped update; K in a row stop the run, leaving the last checkpoint as it was."""
+    if ok:
+        return 0
+    bad += 1
+    tqdm.write(f"step {step + 1}: NaN or inf loss / gradient, update skipped ({bad} in a row)")
+    if bad >= max_bad:
+        raise Diverged(f"{bad} updates in a row had a NaN or inf loss or gradient (step {step + 1}); the last good "
+                       f"checkpoint of {out} is intact: lower --lr or check the rewards, then --resume")
+    return bad
+
+
 # ----------------------------------------------------------------------------------------------- pretraining
+def lr_at(step, steps, lr, warmup=200):
+    return lr * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Pretrain the mini world's base model with flow matching (Eq. 1).")
     ap.add_argument("--out", default="ckpts/base.safetensors")
@@ -399,49 +551,73 @@ def main(argv=None):
     ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--save_every", type=int, default=500, help="resumable checkpoint every N steps")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --out")
+    ap.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many NaN updates in a row")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or not args.lr > 0 or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1:
-        raise BadInput("--steps and --batch must be >= 1, --lr > 0, 0 <= --cfg_drop < 1, 0 <= --ema < 1")
+    if min(args.steps, args.batch, args.save_every, args.max_bad_steps) < 1 or not args.lr > 0 \
+            or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1:
+        raise BadInput("--steps, --batch, --save_every and --max_bad_steps must be >= 1, --lr > 0, "
+                       "0 <= --cfg_drop < 1, 0 <= --ema < 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     check_writable(args.out)
+    catch_signals()
 
     model = new_mini_model(args.seed)
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed), random.Random(args.seed)
+    start = 0
+    if args.resume:
+        tensors, meta = load_state(args.out, opt, vars(args), loop_rngs=[rng])
+        with torch.no_grad():
+            for i, (p, e) in enumerate(zip(params, ema)):
+                p.copy_(tensors[f"param.{i}"]), e.copy_(tensors[f"ema.{i}"])
+        start = meta["step"]
+        for _ in range(start * args.batch):  # the data position: the prompt stream is a seeded sequence
+            next(prompts)
+        print(f"resumed {args.out} at step {start}")
     n_params = sum(p.numel() for p in model.transformer.parameters())
     print(f"mini base: transformer {n_params / 1e6:.2f}M params, text encoder "
           f"{sum(p.numel() for p in model.text_encoder.parameters()) / 1e6:.2f}M; {args.steps} steps x {args.batch}")
-    prompts, rng = mw.train_prompts(seed=args.seed), random.Random(args.seed)
-    bins = torch.zeros(4), torch.zeros(4)
-    t0 = time.time()
-    bar = tqdm(range(args.steps), desc="pretrain", mininterval=2)
-    for step in bar:
+    bins, bad, t0 = (torch.zeros(4), torch.zeros(4)), 0, time.time()
+    for step in tqdm(range(start, args.steps), desc="pretrain", initial=start, total=args.steps, mininterval=2):
         batch = [next(prompts) for _ in range(args.batch)]
         x0 = from_images(model, torch.stack([mw.render(p["prompt"], rng, defects=True) for p in batch]))
         texts = ["" if rng.random() < args.cfg_drop else p["prompt"] for p in batch]
         sigma = torch.sigmoid(torch.randn(args.batch))
         loss = flow_matching_loss(model, x0, encode_prompts(model, texts), sigma)  # Eq. 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))  # warm up, or the random init lingers in the average
-            for e, p in zip(ema, params):
-                e.lerp_(p, 1 - decay)
-            b = (sigma * 4).long().clamp(max=3)
-            bins[0].index_add_(0, b, loss.detach())
-            bins[1].index_add_(0, b, torch.ones_like(loss))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        bad = finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(loss).all()), bad, step,
+                             args.max_bad_steps, args.out)
+        if not bad:
+            opt.step()
+            with torch.no_grad():
+                decay = min(args.ema, (1 + step) / (10 + step))  # warm up, or the random init lingers in the average
+                for e, p in zip(ema, params):
+                    e.lerp_(p, 1 - decay)
+                b = (sigma * 4).long().clamp(max=3)
+                bins[0].index_add_(0, b, loss.detach())
+                bins[1].index_add_(0, b, torch.ones_like(loss))
         if (step + 1) % 200 == 0 or step + 1 == args.steps:
             by_bin = " ".join(f"{v:.3f}" for v in (bins[0] / bins[1].clamp(min=1)).tolist())
             tqdm.write(f"step {step + 1:5d}  loss {float(bins[0].sum() / bins[1].sum()):.4f}  "
-                       f"by sigma [0-.25 .25-.5 .5-.75 .75-1]: {by_bin}  lr {sched.get_last_lr()[0]:.2e}  "
+                       f"by sigma [0-.25 .25-.5 .5-.75 .75-1]: {by_bin}  lr {lr_at(step, args.steps, args.lr):.2e}  "
                        f"{time.time() - t0:.0f}s")
             bins[0].zero_(), bins[1].zero_()
+        stop = stop_requested(1)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+            tensors = {**{f"param.{i}": p for i, p in enumerate(params)}, **{f"ema.{i}": e for i, e in enumerate(ema)}}
+            save_state(args.out, step + 1, tensors, opt, {"config": vars(args)}, loop_rngs=[rng])
+        if stop:
+            print(f"stopped by {STOP['signal']} after step {step + 1}; `python flow_matching.py --resume` continues")
+            return
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
@@ -450,22 +626,23 @@ def main(argv=None):
 
 
 def check_writable(path):
+    """Fail before any work if OUT cannot be written; create nothing (folders are made when the file is saved)."""
     d = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(d, exist_ok=True)
-    except OSError:
-        raise BadInput(f"cannot create the output folder {d}; choose another --out") from None
-    if not os.access(d, os.W_OK):
-        raise BadInput(f"the output folder {d} is not writable; choose another --out")
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK) or d.startswith("/proc"):
+        raise BadInput(f"cannot write {path} ({d} is not a writable folder); choose another --out")
 
 
 def run(main_fn):
-    """Every script's entry point: bad input is one line on stderr and exit 2, never a traceback."""
+    """Every script's entry point: bad input is one line on stderr and exit 2, never a traceback; a run that
+    diverged is one line and exit 3."""
     try:
         main_fn()
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (BadInput, Diverged) as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank sees it; say it once
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, BadInput) else 3)
 
 
 if __name__ == "__main__":

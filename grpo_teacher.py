@@ -87,21 +87,25 @@ def clipped_surrogate(log_prob, old_log_prob, adv, clip):
 
 
 def prompt_stream(args, tasks):
-    """An endless, seeded stream of training prompts: a prompt file's, or the mini world's for these tasks."""
-    if args.prompt_file:
-        ps = [p for p in mw.read_prompt_file(args.prompt_file) if p["task"] in tasks]
-        if not ps:
-            raise fm.BadInput(f"{args.prompt_file} has no prompts of task(s) {tasks}")
-        rng = random.Random(args.seed)
+    """An endless, seeded stream of training prompts: a prompt file's (read and checked now, not at the first step),
+    or the mini world's for these tasks."""
+    if not args.prompt_file:
+        return mw.train_prompts(tasks, seed=args.seed)
+    ps = [p for spec in args.prompt_file for p in mw.read_prompt_file(spec) if p["task"] in tasks]
+    if not ps:
+        raise fm.BadInput(f"{' '.join(args.prompt_file)} hold no prompts of task(s) {tasks}")
+
+    def stream(rng=random.Random(args.seed)):
         while True:
             yield rng.choice(ps)
-    yield from mw.train_prompts(tasks, seed=args.seed)
+    return stream()
 
 
 def add_common_args(ap):
     """The rollout / update flags grpo_teacher.py and opd_student.py share (Flow-GRPO's names and SD3.5 values)."""
     ap.add_argument("--model", default="ckpts/base.safetensors", help="mini checkpoint, or an SD3 dir / hub id")
-    ap.add_argument("--prompt_file", default=None, help="JSONL {prompt, task}; default: the mini world's prompts")
+    ap.add_argument("--prompt_file", nargs="+", default=None,
+                    help="JSONL {prompt, task} files, or TASK=PATH (.txt or .jsonl); default: the mini world's prompts")
     ap.add_argument("--steps", type=int, default=100, help="training steps (each: rollouts + one update)")
     ap.add_argument("--prompts", type=int, default=8, help="B: prompts per step (global)")
     ap.add_argument("--group", type=int, default=8, help="G: samples per prompt (Flow-GRPO on SD3.5: 24)")
@@ -120,13 +124,30 @@ def add_common_args(ap):
     ap.add_argument("--save_every", type=int, default=50)
     ap.add_argument("--log_every", type=int, default=5)
     ap.add_argument("--log_file", default=None, help="JSONL log (default: runs/<out name>.jsonl)")
+    ap.add_argument("--resolution", type=int, default=512, help="SD3 image size (the mini world is 32x32)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="base weights (auto: "
+                    "bf16 for SD3 on CUDA); adapters and the SDE math stay float32")
+    ap.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing in the transformer (SD3.5)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --out")
+    ap.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many NaN updates in a row")
+
+
+def load_base(args, device):
+    """The frozen base in --precision (SD3 on CUDA: bf16 weights; LoRA and SDE math stay float32), --grad_ckpt."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    model = fm.load_model(args.model, device, torch.bfloat16 if bf16 else torch.float32)
+    if args.grad_ckpt:
+        model.transformer.enable_gradient_checkpointing()
+    return model
 
 
 def check_common_args(args, world):
     sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
+    sampler.sde_steps(args.sample_steps, window=args.sde_window)
     if not args.noise_level > 0:
         raise fm.BadInput("--noise_level must be > 0 for training: the policy needs exploration (Eq. 5)")
-    for name in ("steps", "prompts", "group", "rank", "inner_epochs", "micro_batch", "save_every", "log_every"):
+    for name in ("steps", "prompts", "group", "rank", "inner_epochs", "micro_batch", "save_every", "log_every",
+                 "max_bad_steps"):
         if getattr(args, name) < 1:
             raise fm.BadInput(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not (args.lr > 0 and args.clip > 0 and args.alpha > 0):
@@ -146,10 +167,13 @@ def policy_step(model, states, sigmas, t, enc, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Stage 1: train a Flow-GRPO LoRA teacher for one reward (or GRPO-Mix).")
     add_common_args(ap)
-    ap.set_defaults(lr=3e-3)  # measured: 3e-4 barely moves the mini model in 60 steps, 3e-3 lifts PickScore in 40
+    # mini-world defaults (Flow-GRPO on SD3.5: --lr 3e-4 and thousands of steps): measured, 3e-4 barely moves the
+    # mini model in 60 steps, 3e-3 lifts PickScore in 40; 50 steps keep a teacher near 5 CPU minutes
+    ap.set_defaults(lr=3e-3, steps=50)
     ap.add_argument("--reward", default="ocr", help="geneval | ocr | pickscore | deqa, or name:weight,... (GRPO-Mix)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL to the frozen base (Flow-GRPO: 0.04, PickScore 0.01)")
     ap.add_argument("--out", default=None, help="default: ckpts/teachers/<reward>.safetensors, or ckpts/baselines/ for a mix")
+    rewards.add_args(ap)
     args = ap.parse_args(argv)
     rank, world, device = dist_setup()
     weights = rewards.parse_spec(args.reward)
@@ -160,9 +184,11 @@ def main(argv=None):
     if args.beta < 0:
         raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
     fm.check_writable(args.out)
+    fm.catch_signals()
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
 
-    model = fm.load_model(args.model, device)
+    model = load_base(args, device)
+    rewards.use_backends(args, device)
     base_hash = fm.fingerprint(model)
     fm.add_lora(model.transformer, "policy", args.rank, args.alpha)
     params = fm.adapter_params(model.transformer, "policy")
@@ -175,20 +201,22 @@ def main(argv=None):
     local = list(range(rank * N // world, (rank + 1) * N // world))  # this rank's global sample indices
     stream, order_rng = prompt_stream(args, tasks), random.Random(args.seed)
     meta = {"role": role, "rewards": weights, "tasks": tasks, "base_path": args.model, "base_hash": base_hash}
-    log_path = args.log_file or os.path.join("runs", os.path.basename(args.out).rsplit(".", 1)[0] + ".jsonl")
+    start = resume(args, params, opt, stream, order_rng, rank, world, {"base_hash": base_hash})
+    log = open_log(args, rank)
     if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-        log = open(log_path, "w")
         print(f"{role} {args.reward}: {args.steps} steps x {args.prompts} prompts x {args.group} samples on {world} "
               f"process(es), trained steps {sde}, LoRA r={args.rank} ({sum(p.numel() for p in params) / 1e6:.2f}M params)")
 
-    bar = tqdm(range(args.steps), desc=f"grpo {args.reward}", disable=rank != 0, mininterval=2)
+    bad = bad_total = 0
+    stop, step = False, start - 1
+    bar = tqdm(range(start, args.steps), desc=f"grpo {args.reward}", disable=rank != 0, mininterval=2, initial=start,
+               total=args.steps)
     for step in bar:
         t0 = time.time()
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
-        x, eps = sample_noise(args.seed, step, local, model.latent_shape(), T)
+        x, eps = sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
         fm.set_adapter(model.transformer, "policy")
         traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp = traj["states"], traj["sigmas"], traj["log_probs"].to(device)
@@ -204,6 +232,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             steps_t = order_rng.sample(sde, len(sde))  # Flow-GRPO visits the trained steps in random order
             n = len(local) * len(steps_t)
+            epoch_loss = torch.zeros(1, device=device)
             for t in steps_t:
                 for mb in torch.arange(len(local)).split(args.micro_batch):
                     e = fm.select(enc, mb)
@@ -221,14 +250,19 @@ def main(argv=None):
                     loss = (pg + args.beta * kl).sum() / n
                     loss.backward()
                     with torch.no_grad():
+                        epoch_loss += loss.detach()
                         stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
                                               ((ratio - 1).abs() > args.clip).float().sum(),
                                               (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
                         if epoch == 0:
                             ratio_dev = max(ratio_dev, float((ratio - 1).abs().max()))
-            grads = [p.grad for p in params]
-            all_reduce_mean(grads, world)
+            all_reduce_mean([p.grad for p in params] + [epoch_loss], world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            bad = fm.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
+                                    args.max_bad_steps, args.out)  # the same verdict on every rank: all-reduced
+            if bad:
+                bad_total += 1
+                break
             opt.step()
         all_reduce_mean([stats], world)
         t3 = time.time()
@@ -238,16 +272,56 @@ def main(argv=None):
                    **{f"reward/{k}": float(v.nanmean()) for k, v in each.items()},
                    "adv_mean": adv.mean().item(), "adv_abs": adv.abs().mean().item(), "loss": stats[0].item(),
                    "kl_base": stats[1].item(), "clip_frac": stats[2].item(), "approx_kl": stats[3].item(),
-                   "grad_norm": float(grad_norm), "ratio_dev": ratio_dev, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_update": t3 - t2}
+                   "grad_norm": float(grad_norm), "ratio_dev": ratio_dev, "bad_steps": bad_total, "t_rollout": t1 - t0, "t_reward": t2 - t1, "t_update": t3 - t2}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            fm.save_lora(args.out, model.transformer, "policy", {**meta, "step": step + 1, "config": vars(args)})
+        stop = fm.stop_requested(world, device)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+            checkpoint(args, model, "policy", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
+        if stop:
+            break
     if rank == 0:
-        print(f"saved {args.out}")
+        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- runs survive
+def resume(args, params, opt, stream, order_rng, rank, world, expect, may_change=()):
+    """--resume: restore the adapter, optimizer, RNGs and prompt position of the latest checkpoint; returns its step."""
+    if not args.resume:
+        return 0
+    tensors, meta = fm.load_state(args.out, opt, vars(args), rank, world, [order_rng], may_change)
+    for k, v in expect.items():
+        if meta.get(k) != v:
+            raise fm.BadInput(f"--resume: the checkpoint has {k} {meta.get(k)!r}, this run {v!r}; resume with the "
+                              "run's own --model and teachers, or drop --resume")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    for _ in range(meta["step"] * args.prompts):  # the data position: the prompt stream is a seeded sequence
+        next(stream)
+    if rank == 0:
+        print(f"resumed {args.out} at step {meta['step']}")
+    return meta["step"]
+
+
+def checkpoint(args, model, name, params, opt, meta, order_rng, rank, world):
+    """The adapter at --out (what the next stage reads) and the resumable state beside it, both atomically."""
+    if rank == 0:
+        fm.save_lora(args.out, model.transformer, name, {**meta, "config": vars(args)})
+    fm.save_state(args.out, meta["step"], {f"param.{i}": p for i, p in enumerate(params)}, opt,
+                  {**meta, "config": vars(args)}, [order_rng], rank, world)
+
+
+def open_log(args, rank):
+    """The JSONL log (rank 0): appended to on --resume, so one file holds the whole run."""
+    if rank != 0:
+        return None
+    path = args.log_file or os.path.join("runs", os.path.basename(args.out).rsplit(".", 1)[0] + ".jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, "a" if args.resume else "w")
 
 
 if __name__ == "__main__":

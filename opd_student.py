@@ -73,6 +73,7 @@ def resolve_teachers(specs):
         label, path = (None, spec)
         if "=" in spec and not os.path.exists(spec):
             label, path = spec.split("=", 1)
+        path = fm.fetch_adapter(path)
         if not os.path.exists(path):
             raise fm.BadInput(f"teacher {path} does not exist; train one with `python grpo_teacher.py --reward TASK`")
         meta = read_meta(path)
@@ -168,12 +169,14 @@ def main(argv=None):
     tasks = args.tasks or sorted(routes)
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
     anchor = routes.get("deqa") if args.anchor == "auto" else None if args.anchor == "none" else args.anchor
+    anchor = anchor and fm.fetch_adapter(anchor)
     if anchor and not os.path.exists(anchor):
         raise fm.BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path or --anchor none")
+    fm.catch_signals()
     torch.manual_seed(args.seed)
 
     # one frozen base, every teacher and the anchor as adapters on it, the student as one more
-    model = fm.load_model(args.model, device)
+    model = grpo.load_base(args, device)
     base_hash = fm.fingerprint(model)
     teacher_set = []
     for task, path in sorted(routes.items()):
@@ -198,7 +201,7 @@ def main(argv=None):
             print(f"skipped {path}: {why}")
         print(f"routes (Eq. 7): {', '.join(f'{t} -> {p}' for t, p in sorted(routes.items()))}; anchor (Eq. 12): "
               f"{anchor or 'none'}; init {args.init}; {len(params) // 2} adapted layers")
-    if args.init == "sft":
+    if args.init == "sft" and not args.resume:
         sft_cold_start(model, routes, args, device)
         grpo.all_reduce_mean([p.data for p in params], world)
     for p in params:
@@ -211,18 +214,20 @@ def main(argv=None):
     stream, order_rng = grpo.prompt_stream(args, tasks), random.Random(args.seed)
     meta = {"role": "student", "tasks": tasks, "teachers": teacher_set, "init": args.init, "base_path": args.model,
             "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
-    if rank == 0:
-        log_path = args.log_file or os.path.join("runs", os.path.basename(args.out).rsplit(".", 1)[0] + ".jsonl")
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-        log = open(log_path, "w")
+    check_teacher_set(args, meta)
+    start = grpo.resume(args, params, opt, stream, order_rng, rank, world,
+                        {"base_hash": base_hash}, may_change=("teachers", "anchor"))  # checked by content above
+    log = grpo.open_log(args, rank)
 
-    bar = tqdm(range(args.steps), desc="opd", disable=rank != 0, mininterval=2)
+    bad = bad_total = 0
+    stop, step = False, start - 1
+    bar = tqdm(range(start, args.steps), desc="opd", disable=rank != 0, mininterval=2, initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
-        x, eps = grpo.sample_noise(args.seed, step, local, model.latent_shape(), T)
+        x, eps = grpo.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
         # 1. the student's own trajectories
         fm.set_adapter(model.transformer, "student")
         traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
@@ -264,6 +269,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             steps_t = order_rng.sample(sde, len(sde))
             n = n_local * len(steps_t)
+            epoch_loss = torch.zeros(1, device=device)
             for t in steps_t:
                 for mb in torch.arange(n_local).split(args.micro_batch):
                     _, lp, mu, std = grpo.policy_step(model, states[mb], sigmas, t, fm.select(enc, mb), args)
@@ -272,11 +278,17 @@ def main(argv=None):
                     loss = (pg + args.beta * kl).sum() / n
                     loss.backward()
                     with torch.no_grad():
+                        epoch_loss += loss.detach()
                         stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
                                               ((ratio - 1).abs() > args.clip).float().sum(),
                                               (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
-            grpo.all_reduce_mean([p.grad for p in params], world)
+            grpo.all_reduce_mean([p.grad for p in params] + [epoch_loss], world)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            bad = fm.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
+                                    args.max_bad_steps, args.out)
+            if bad:
+                bad_total += 1
+                break
             opt.step()
         grpo.all_reduce_mean([stats], world)
         t3 = time.time()
@@ -286,17 +298,40 @@ def main(argv=None):
             rec = {"step": step + 1, **{f"opd/vel_mse/{k}": v for k, v in vel_mse.items()},
                    **{f"opd/reward/t{t}": float(by_t[t]) for t in sde}, "loss": stats[0].item(),
                    "mar_kl": stats[1].item(), "clip_frac": stats[2].item(), "approx_kl": stats[3].item(),
-                   "grad_norm": float(grad_norm), "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
+                   "grad_norm": float(grad_norm), "bad_steps": bad_total, "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                                 if "/reward/" not in k))
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            fm.save_lora(args.out, model.transformer, "student", {**meta, "step": step + 1, "config": vars(args)})
+        stop = fm.stop_requested(world, device)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+            grpo.checkpoint(args, model, "student", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
+        if stop:
+            break
     if rank == 0:
-        print(f"saved {args.out}")
+        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
+
+
+def check_teacher_set(args, meta):
+    """--resume must distil the same teachers (content, not just paths) toward the same anchor: say what changed."""
+    if not args.resume or not os.path.isdir(fm.state_dir(args.out)):
+        return
+    steps = sorted(d for d in os.listdir(fm.state_dir(args.out)) if d.startswith("step_"))
+    if not steps:
+        return
+    with safe_open(os.path.join(fm.state_dir(args.out), steps[-1], "state.safetensors"), "pt") as f:
+        old = json.loads(f.metadata()["flow_opd_state"])
+    was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
+    changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
+               + (" (same path, new content)" if t in was and t in now and was[t]["path"] == now[t]["path"] else "")
+               for t in sorted(set(was) | set(now)) if was.get(t) != now.get(t)]
+    if old["anchor"] != meta["anchor"]:
+        changes.append(f"anchor: {(old['anchor'] or {}).get('path')} -> {(meta['anchor'] or {}).get('path')}")
+    if changes:
+        raise fm.BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
+                          "with the original teachers, or drop --resume to start over")
 
 
 def check_args(args, world):

@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 if [ "${1:-}" = "--quick" ]; then
   PRETRAIN="--steps 800"; TEACHER="--steps 12"; STUDENT="--steps 12 --sft_steps 50 --sft_samples 128"; EVAL="--n 32"
 else
-  PRETRAIN=""; TEACHER="--steps 60"; STUDENT="--steps 60"; EVAL="--n 128"
+  PRETRAIN=""; TEACHER=""; STUDENT=""; EVAL="--n 128"   # every script at its defaults
 fi
 NPROC=${NPROC:-1}
 run() { if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" "$@"; else python "$@"; fi; }

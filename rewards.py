@@ -12,6 +12,15 @@ Mini world (programmatic scorers; their paper counterparts in brackets):
             smooths digits (costing OCR): the seesaw the paper describes.
 A reward that a prompt does not ask about (OCR on a shape prompt) is NaN; `combine` skips it.
 """
+import argparse
+import base64
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+
 import torch
 import torch.nn.functional as F
 
@@ -195,6 +204,147 @@ def deqa(images, prompts=None):
     return 1 + 4 * quality.clamp(0, 1)
 
 
+# ----------------------------------------------------------------------------------------------- real backends
+# For Stable Diffusion 3.5 the same names get real scorers (flags from add_args, installed by use_backends):
+#   pickscore  transformers' CLIPModel + processor from a path: logit_scale * cos(image, text), PickScore's formula
+#   ocr        an OCR engine (optional extra: paddleocr), 1 - edit distance / len(the prompt's quoted text)
+#   geneval, deqa   reward servers over HTTP + JSON: POST {"images": [base64 PNG], "prompts": [str]} ->
+#              {"scores": [float | null]}; timeouts, bounded retries, one clear error. Never pickle.
+# `python rewards.py --serve geneval --port 8000` is a reference server (standard library + this file).
+def png_b64(img):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def from_png_b64(s):
+    import numpy as np
+    from PIL import Image
+    arr = np.array(Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB"))
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+
+
+def remote(name, url, timeout=120.0, retries=3, backoff=2.0):
+    """A reward served over HTTP + JSON. Down or slow: retried `retries` times, then one clear error."""
+    def score(images, prompts):
+        body = json.dumps({"images": [png_b64(i) for i in images], "prompts": [_prompt(p) for p in prompts]}).encode()
+        for attempt in range(retries):
+            try:
+                req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    answer = r.read()
+                break
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                why = getattr(e, "reason", e)
+                if attempt + 1 == retries:
+                    raise mw.BadInput(f"the {name} reward server at {url} is down or too slow ({why}) after {retries} "
+                                      f"tries of {timeout:g} s; start it (python rewards.py --serve {name}) or fix "
+                                      f"--{name}_url") from None
+                time.sleep(backoff * 2 ** attempt)
+        try:
+            scores = json.loads(answer)["scores"]
+            assert isinstance(scores, list) and len(scores) == len(prompts)
+            return torch.tensor([float("nan") if s is None else float(s) for s in scores])
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise mw.BadInput(f"the {name} reward server at {url} answered garbage ({answer[:80]!r}); it must return "
+                              f'{{"scores": [{len(prompts)} numbers]}}') from None
+    return score
+
+
+def clip_pickscore(path, processor=None, device="cpu"):
+    """PickScore: logit_scale * cos(image, text) of a CLIP model (yuvalkirstain/PickScore_v1) from a path."""
+    from transformers import AutoProcessor, CLIPModel
+    try:
+        model = CLIPModel.from_pretrained(path).eval().to(device)
+        proc = AutoProcessor.from_pretrained(processor or path)
+    except Exception as e:
+        raise mw.BadInput(f"cannot load a CLIP model from {path!r} for PickScore ({type(e).__name__}); give "
+                          "--pickscore_model DIR (and --pickscore_processor DIR if the processor lives apart)") from None
+
+    @torch.no_grad()
+    def score(images, prompts):
+        from PIL import Image
+        pil = [Image.fromarray((i.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()) for i in images]
+        x = proc(images=pil, text=[_prompt(p) for p in prompts], padding=True, truncation=True, max_length=77,
+                 return_tensors="pt").to(device)
+        img = model.get_image_features(pixel_values=x["pixel_values"])
+        txt = model.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+        img, txt = (getattr(f, "pooler_output", f) for f in (img, txt))  # transformers 5 returns an output object
+        cos = (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
+        return (model.logit_scale.exp().float() * cos).cpu()
+    return score
+
+
+def ocr_engine(name):
+    """Flow-GRPO's OCR reward with a real engine: 1 - edit distance / len(target), target = the prompt's quoted text."""
+    try:
+        from paddleocr import PaddleOCR
+    except ImportError:
+        raise mw.BadInput(f"--ocr_engine {name} needs the optional extra: pip install paddleocr paddlepaddle") from None
+    engine = PaddleOCR(use_angle_cls=False, lang="en", show_log=False)
+
+    def score(images, prompts):
+        out = []
+        for img, p in zip(images, prompts):
+            m = re.search(r'"([^"]+)"', _prompt(p))
+            if not m:
+                out.append(float("nan"))
+                continue
+            lines = engine.ocr((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy(), cls=False)
+            text = "".join(w[1][0] for line in lines or [] for w in line or [])
+            target = m.group(1).replace(" ", "").lower()
+            out.append(max(0.0, 1 - edit_distance(text.replace(" ", "").lower(), target) / len(target)))
+        return torch.tensor(out)
+    return score
+
+
+def add_args(ap):
+    g = ap.add_argument_group("real reward backends (default: the mini world's scorers)")
+    g.add_argument("--pickscore_model", default=None, help="CLIP dir for PickScore (yuvalkirstain/PickScore_v1)")
+    g.add_argument("--pickscore_processor", default=None, help="its processor, if apart (laion/CLIP-ViT-H-14-...)")
+    g.add_argument("--ocr_engine", choices=["paddleocr"], default=None, help="an OCR engine (optional extra)")
+    g.add_argument("--geneval_url", default=None, help="GenEval reward server, e.g. http://127.0.0.1:18085")
+    g.add_argument("--deqa_url", default=None, help="DeQA reward server")
+    g.add_argument("--reward_timeout", type=float, default=120.0, help="seconds per reward server request")
+    g.add_argument("--reward_retries", type=int, default=3)
+
+
+def use_backends(args, device="cpu"):
+    """Install the real scorers the flags name in REWARDS (the names, and so the task labels, stay the same)."""
+    if args.pickscore_model:
+        REWARDS["pickscore"] = clip_pickscore(args.pickscore_model, args.pickscore_processor, device)
+    if args.ocr_engine:
+        REWARDS["ocr"] = ocr_engine(args.ocr_engine)
+    for name in ("geneval", "deqa"):
+        if getattr(args, f"{name}_url"):
+            REWARDS[name] = remote(name, getattr(args, f"{name}_url"), args.reward_timeout, args.reward_retries)
+
+
+def make_server(name, host="127.0.0.1", port=0):
+    """The reference reward server: this file's scorer `name` behind the HTTP + JSON protocol above."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                scores = REWARDS[name](torch.stack([from_png_b64(s) for s in req["images"]]), req["prompts"])
+                code, body = 200, {"scores": [None if s != s else float(s) for s in scores.tolist()]}
+            except Exception as e:  # the client gets the reason, the server keeps serving
+                code, body = 400, {"error": f"{type(e).__name__}: {e}"}
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+    return ThreadingHTTPServer((host, port), Handler)
+
+
 REWARDS = {"geneval": geneval, "ocr": ocr, "pickscore": pickscore, "deqa": deqa}
 SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 26.0, "deqa": 5.0}  # Table 2's Avg divides by these
 
@@ -230,3 +380,18 @@ def combine(weights, images, prompts):
         bad = _prompt(prompts[int((den == 0).nonzero()[0])])
         raise mw.BadInput(f"no reward in {list(weights)} applies to the prompt {bad!r}; add one that does")
     return num / den, each
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Serve one reward over HTTP + JSON (the reference reward server).")
+    ap.add_argument("--serve", required=True, choices=list(REWARDS))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    args = ap.parse_args(argv)
+    server = make_server(args.serve, args.host, args.port)
+    print(f"serving {args.serve} on http://{args.host}:{server.server_port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

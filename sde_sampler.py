@@ -102,7 +102,7 @@ def sample(model, enc, steps=10, guidance=1.0, noise_level=0.7, sde=None, shift=
         v = fm.velocity(model, x, sigma, enc, guidance)
         velocities.append(v)
         if t in sde and noise_level > 0:  # a = 0 is the ODE (Eq. 6 is undefined there)
-            x, lp, _, _ = sde_step(x, v, sigmas, t, noise_level, eps=None if eps is None else eps[:, t],
+            x, lp, _, _ = sde_step(x, v, sigmas, t, noise_level, eps=None if eps is None else eps[:, t].to(x.device),
                                    generator=generator)
             log_probs[:, t] = lp.cpu()
         else:

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -356,6 +358,116 @@ def test_sd3_backend_tiny_pipeline():
     assert len(fm.lora_layers(model.transformer)) == 15  # 8 per block; the last block has no to_add_out
 
 
+def test_sd3_pipeline_through_every_script():
+    """The real-world path on a tiny random SD3 pipeline: a teacher step, merge, an OPD step (a peft-format teacher
+    among the teachers), eval on 2 prompts. Prompts come from Flow-GRPO-style files (TASK=PATH, .txt / .jsonl)."""
+    pipe = tiny_sd3_pipeline()
+    d = os.path.join(TMP, "sd3run")
+    os.makedirs(d, exist_ok=True)
+    open(os.path.join(d, "ocr.txt"), "w").write('the text "12"\nthe text "7"\n')
+    with open(os.path.join(d, "geneval.jsonl"), "w") as f:
+        for p in ["a red circle", "two blue squares"]:
+            f.write(json.dumps({"prompt": p, "tag": "x", "include": []}) + "\n")
+    files = [f"ocr={d}/ocr.txt", f"geneval={d}/geneval.jsonl"]
+    assert [p["task"] for p in mw.read_prompt_file(files[1])] == ["geneval", "geneval"]
+    small = ["--model", pipe, "--resolution", "64", "--sample_steps", "3", "--prompts", "2", "--group", "2",
+             "--steps", "1", "--rank", "2", "--alpha", "4", "--guidance", "4.5", "--prompt_file", *files]
+    for task in ("ocr", "geneval"):
+        cli("grpo_teacher.py", *small, "--reward", task, "--out", f"{d}/teachers/{task}.safetensors",
+            "--log_file", f"{d}/log_{task}.jsonl")
+        rec = read_log(f"{d}/log_{task}.jsonl")[0]
+        assert math.isfinite(rec["loss"]) and rec["ratio_dev"] < 1e-4, rec
+    # the ocr teacher again, as a peft directory (adapter_config.json + adapter_model.safetensors)
+    pairs, r, alpha, meta = fm.read_lora(f"{d}/teachers/ocr.safetensors")
+    peft = os.path.join(d, "peft_ocr")
+    os.makedirs(peft, exist_ok=True)
+    from safetensors.torch import save_file
+    save_file({f"base_model.model.{m}.lora_{ab}.weight": t.contiguous() for m, (A, B) in pairs.items()
+               for ab, t in (("A", A), ("B", B))}, os.path.join(peft, "adapter_model.safetensors"))
+    json.dump({"r": r, "lora_alpha": alpha, "target_modules": list(fm.LORA_TARGETS), "peft_type": "LORA"},
+              open(os.path.join(peft, "adapter_config.json"), "w"))
+    cli("merge.py", f"{d}/teachers/ocr.safetensors", f"{d}/teachers/geneval.safetensors", "--out", f"{d}/merged.safetensors")
+    cli("opd_student.py", *small, "--teachers", f"geneval={d}/teachers/geneval.safetensors", f"ocr={peft}",
+        "--anchor", "none", "--out", f"{d}/student.safetensors", "--log_file", f"{d}/opd.jsonl")
+    rec = read_log(f"{d}/opd.jsonl")[0]
+    assert math.isfinite(rec["loss"]) and any(k.startswith("opd/vel_mse/") for k in rec), rec  # 2 random prompts
+    cli("eval.py", f"student={d}/student.safetensors", "--model", pipe, "--n", "2", "--steps", "3", "--resolution", "64",
+        "--prompt_file", *files, "--out", f"{d}/eval")
+    table = json.load(open(f"{d}/eval/table.json"))
+    assert len(table["scores"]["student"]["ocr"]) == 2
+
+
+def _rendered(task, n, seed):
+    prompts, rng = _cases(task, n, seed), random.Random(seed)
+    return torch.stack([mw.render(p["prompt"], rng, defects=True) for p in prompts]), prompts
+
+
+def _png_roundtrip(images):
+    return (images * 255).round() / 255
+
+
+def test_reward_server_protocol_and_failures():
+    import http.server
+    import threading
+    imgs, prompts = _rendered("geneval", 12, seed=3)
+    server = rewards.make_server("geneval")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    got = rewards.remote("geneval", url, timeout=30)(imgs, prompts)
+    close(got, rewards.geneval(_png_roundtrip(imgs), prompts), 0, "server scores = local scores of the same PNGs")
+    server.shutdown()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            time.sleep(1.0)
+            self.send_response(200), self.end_headers(), self.wfile.write(b'{"scores": []}')
+
+        def log_message(self, *a):
+            pass
+
+    class Garbage(Slow):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200), self.end_headers(), self.wfile.write(b"<html>oops</html>")
+    cases = [("down", url, "is down or too slow"), ("slow", Slow, "is down or too slow"), ("garbage", Garbage, "answered garbage")]
+    for what, target, needle in cases:
+        if not isinstance(target, str):
+            srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), target)
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            target = f"http://127.0.0.1:{srv.server_port}"
+        t0 = time.time()
+        try:
+            rewards.remote("geneval", target, timeout=0.3, retries=2, backoff=0.05)(imgs[:2], prompts[:2])
+            raise AssertionError(f"{what} server accepted")
+        except mw.BadInput as e:
+            msg = str(e)
+        assert needle in msg and "\n" not in msg, msg
+        print(f"    {what}: {time.time() - t0:.2f}s -> {msg[:110]}")
+
+
+def test_pickscore_clip_backend_equals_clip_logits():
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    tiny_sd3_pipeline()  # writes the tiny CLIP vocabulary
+    torch.manual_seed(0)
+    vocab = json.load(open(os.path.join(TMP, "tok", "vocab.json")))
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(vocab),
+                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    tok = CLIPTokenizer(os.path.join(TMP, "tok", "vocab.json"), os.path.join(TMP, "tok", "merges.txt"), model_max_length=77)
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32), tokenizer=tok)
+    path = os.path.join(TMP, "tiny-pickscore")
+    model.save_pretrained(path), proc.save_pretrained(path)
+    imgs, prompts = _rendered("pickscore", 4, seed=1)
+    ours = rewards.clip_pickscore(path)(imgs, prompts)
+    from PIL import Image
+    pil = [Image.fromarray((i * 255).round().byte().permute(1, 2, 0).numpy()) for i in imgs]
+    with torch.no_grad():
+        x = proc(images=pil, text=[p["prompt"] for p in prompts], padding=True, return_tensors="pt")
+        ref = model(**x).logits_per_image.diag()  # CLIP's own forward: logit_scale * cos
+    close(ours, ref, 1e-4, "PickScore = CLIP logits")
+
+
 # ----------------------------------------------------------------------------------------------- Stage 1 and merge
 def base_ckpt():
     path = os.path.join(TMP, "base.safetensors")
@@ -611,33 +723,249 @@ def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
     assert "| Zero LoRA |" in open(os.path.join(out, "table.md")).read()
 
 
-# ----------------------------------------------------------------------------------------------- bad input
-def test_bad_inputs_exit_2_with_one_line():
-    good = os.path.join(TMP, "base.safetensors")
-    fm.save_model(tiny_model(), good)
-    trunc = os.path.join(TMP, "truncated.safetensors")
-    open(trunc, "wb").write(open(good, "rb").read()[:5000])
-    bad_prompts = os.path.join(TMP, "bad.jsonl")
-    open(bad_prompts, "w").write('{"prompt": "a circle", "task": "geneval"}\nnot json\n')
-    cases = [
-        (["eval.py", os.path.join(TMP, "missing.safetensors")], "does not exist"),
-        (["eval.py", trunc], "not a readable safetensors"),
-        (["eval.py", good, "--n", "0"], "--n"),
-        (["eval.py", good, "--guidance", "-1"], "--guidance"),
-        (["sde_sampler.py", "--model", good, "--noise_level", "5"], "--noise_level"),
-        (["sde_sampler.py", "--model", good, "--prompt", "a flying unicorn"], "no word 'flying'"),
-        (["flow_matching.py", "--steps", "0"], "--steps"),
-        (["flow_matching.py", "--out", "/proc/nope/base.safetensors"], "--out"),
-    ]
-    for args, needle in cases:
-        _, err = cli(*args, expect=2)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, f"{args}: {err[-600:]}"
+# ----------------------------------------------------------------------------------------------- runs survive
+def _descendants(pid):
+    parent = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    out, frontier = [], {pid}
+    while frontier:
+        frontier = {c for c, p in parent.items() if p in frontier}
+        out += frontier
+    return out
+
+
+def _sigkill_after(cmd, state, at_least):
+    """Start a run and SIGKILL it, with every worker torchrun started, once it has checkpointed step >= at_least."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not any(d.startswith("step_") and int(d[5:]) >= at_least for d in (os.listdir(state) if os.path.isdir(state) else [])):
+        assert p.poll() is None, f"the run ended before it could be killed:\n{p.stdout.read()[-1500:]}"
+        assert time.time() - t0 < 300, "no checkpoint in 300 s"
+        time.sleep(0.002)
+    for pid in [p.pid, *_descendants(p.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate(timeout=300)
+    return p.returncode
+
+
+def _same_lora(a, b):
+    pa, pb = fm.read_lora(a)[0], fm.read_lora(b)[0]
+    assert pa.keys() == pb.keys()
+    diff = [k for k in pa if not (torch.equal(pa[k][0], pb[k][0]) and torch.equal(pa[k][1], pb[k][1]))]
+    assert not diff, f"{len(diff)} adapted layers differ, e.g. {diff[0]}"
+
+
+def _sigkill_resume(launcher, tag):
+    base = base_ckpt()
+    run = ["grpo_teacher.py", "--model", base, "--reward", "pickscore", "--steps", "6", "--save_every", "1", *TINY_RUN]
+    ref, cut = os.path.join(TMP, f"{tag}_ref.safetensors"), os.path.join(TMP, f"{tag}_cut.safetensors")
+    subprocess.run([*launcher, *run, "--out", ref, "--log_file", ref + ".jsonl"], cwd=HERE, check=True, capture_output=True)
+    rc = _sigkill_after([*launcher, *run, "--out", cut, "--log_file", cut + ".jsonl"], fm.state_dir(cut), 3)
+    killed_at = fm.read_lora(cut)[3]["step"]  # what a crash leaves: a complete adapter of some earlier step
+    assert rc != 0 and 3 <= killed_at < 6, (rc, killed_at)
+    p = subprocess.run([*launcher, *run, "--out", cut, "--log_file", cut + ".jsonl", "--resume"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "resumed" in p.stdout + p.stderr, p.stderr[-2000:]
+    _same_lora(ref, cut)
+    steps = [r["step"] for r in read_log(cut + ".jsonl")]
+    print(f"    {tag}: killed after step {killed_at}, resumed, final adapter equal bitwise; log steps {steps}")
+    assert steps[-1] == 6
+
+
+def test_sigkill_then_resume_is_bitwise_one_process():
+    _sigkill_resume([sys.executable], "kill1")
+
+
+def test_sigkill_then_resume_is_bitwise_torchrun_two_processes():
+    _sigkill_resume([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "kill2")
+
+
+def test_pretraining_sigkill_then_resume_is_bitwise():
+    run = ["flow_matching.py", "--steps", "8", "--batch", "4", "--save_every", "1"]
+    ref, cut = os.path.join(TMP, "pre_ref.safetensors"), os.path.join(TMP, "pre_cut.safetensors")
+    cli(*run, "--out", ref)
+    rc = _sigkill_after([sys.executable, *run, "--out", cut], fm.state_dir(cut), 3)
+    assert rc != 0 and not os.path.exists(cut)
+    cli(*run, "--out", cut, "--resume")
+    a, b = fm.load_model(ref), fm.load_model(cut)
+    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and all(
+        torch.equal(x, y) for x, y in zip(a.text_encoder.parameters(), b.text_encoder.parameters()))
+
+
+def test_sigterm_saves_exits_0_and_opd_resume_checks_the_teacher_set():
+    base, paths = _opd_setup()
+    run = ["opd_student.py", "--model", base, "--teachers", paths["geneval"], paths["ocr"], "--anchor", paths["deqa"],
+           "--steps", "8", "--save_every", "100", *TINY_RUN]
+    ref, cut = os.path.join(TMP, "students", "term_ref.safetensors"), os.path.join(TMP, "students", "term_cut.safetensors")
+    cli(*run, "--out", ref, "--log_file", ref + ".jsonl")
+    # SIGTERM as soon as the first step is logged: the run checkpoints at the end of that step and exits 0
+    p = subprocess.Popen([sys.executable, *run, "--out", cut, "--log_file", cut + ".jsonl"], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (os.path.exists(cut + ".jsonl") and os.path.getsize(cut + ".jsonl") > 0):
+        assert p.poll() is None, p.stdout.read()[-1500:]
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0 and "stopped by SIGTERM" in out, out[-1500:]
+    stopped = fm.read_lora(cut)[3]["step"]
+    assert 1 <= stopped < 8, stopped
+    # resuming with a teacher of other content under the same path is refused, and nothing is written
+    swapped = os.path.join(TMP, "teachers_swapped")
+    os.makedirs(swapped, exist_ok=True)
+    shutil.copy(paths["ocr"], os.path.join(swapped, "geneval.safetensors"))
+    before = open(cut, "rb").read()
+    _, err = cli(*[a if a != paths["geneval"] else "geneval=" + os.path.join(swapped, "geneval.safetensors") for a in run],
+                 "--out", cut, "--log_file", cut + ".jsonl", "--resume", expect=2)
+    assert "another teacher set" in err and "geneval:" in err and len(err.strip().splitlines()) == 1, err
+    assert open(cut, "rb").read() == before
+    cli(*run, "--out", cut, "--log_file", cut + ".jsonl", "--resume")
+    _same_lora(ref, cut)
+    print(f"    SIGTERM after step {stopped}: exit 0; resumed to step 8, equal bitwise to the uninterrupted run")
+
+
+def test_nan_updates_are_skipped_and_k_in_a_row_stop_the_run():
+    import grpo_teacher as grpo
+    base = base_ckpt()
+    real = rewards.combine
+
+    def nan_at(steps):  # NaN rewards (so NaN advantages, loss and gradients) at these steps
+        calls = []
+
+        def combine(weights, images, prompts):
+            calls.append(1)
+            total, each = real(weights, images, prompts)
+            return (total * float("nan") if steps(len(calls)) else total), each
+        return combine
+
+    run = ["--model", base, "--reward", "pickscore", "--save_every", "1", *TINY_RUN]
+    ref, out = os.path.join(TMP, "nan_ref.safetensors"), os.path.join(TMP, "nan.safetensors")
     try:
-        mw.read_prompt_file(bad_prompts)
-        raise AssertionError("malformed prompt file accepted")
-    except mw.BadInput as e:
-        assert ":2:" in str(e)
+        rewards.combine = nan_at(lambda s: s == 2)
+        grpo.main([*run, "--steps", "3", "--out", ref, "--log_file", ref + ".jsonl"])
+        rewards.combine = nan_at(lambda s: s == 2 or s >= 4)
+        grpo.main([*run, "--steps", "20", "--max_bad_steps", "3", "--out", out, "--log_file", out + ".jsonl"])
+        raise AssertionError("3 NaN updates in a row did not stop the run")
+    except fm.Diverged as e:
+        assert "3 updates in a row" in str(e) and "step 6" in str(e), e
+    finally:
+        rewards.combine = real
+        signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert [r["bad_steps"] for r in read_log(ref + ".jsonl")] == [0, 1, 1]
+    assert [r["bad_steps"] for r in read_log(out + ".jsonl")] == [0, 1, 1, 2, 3]
+    # the checkpoint left behind (written at step 5) holds the last good update, step 3's: the same as a run that
+    # stopped at step 3, bitwise, and finite
+    assert fm.read_lora(out)[3]["step"] == 5
+    _same_lora(ref, out)
+    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in fm.read_lora(out)[0].values())
+    print("    skipped steps 2, 4, 5; stopped at step 6; the checkpoint holds step 3's weights, bitwise")
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _inputs():
+    """The files the catalogue feeds the scripts (built once)."""
+    d = os.path.join(TMP, "inputs")
+    if os.path.isdir(d):
+        return d
+    os.makedirs(d)
+    base, paths = _opd_setup()
+    shutil.copy(base, os.path.join(d, "base.safetensors"))
+    for task, p in paths.items():
+        shutil.copy(p, os.path.join(d, f"{task}.safetensors"))
+    open(os.path.join(d, "truncated.safetensors"), "wb").write(open(base, "rb").read()[:5000])
+    open(os.path.join(d, "empty.jsonl"), "w").close()
+    open(os.path.join(d, "bad.jsonl"), "w").write('{"prompt": "a circle", "task": "geneval"}\nnot json\n')
+    model = fm.load_model(base)
+    h = fm.fingerprint(model)
+    fm.add_lora(model.transformer, "t", 2, 4)
+    pairs = {m: (torch.zeros(2, 64), torch.zeros(l.base.out_features, 2)) for m, l in fm.lora_layers(model.transformer).items()}
+    fm.write_lora(os.path.join(d, "narrow.safetensors"), pairs, 2, 4.0, {"role": "teacher", "tasks": ["ocr"],
+                                                                          "base_hash": h, "base_path": base})
+    _random_teacher(os.path.join(d, "foreign.safetensors"), 3, 2, 4.0, "0123456789abcdef")
+    cli("grpo_teacher.py", "--model", base, "--reward", "pickscore", "--steps", "1", *TINY_RUN,
+        "--out", os.path.join(d, "run", "t.safetensors"), "--log_file", os.path.join(TMP, "t.jsonl"))
+    return d
+
+
+def _files(d):
+    return {os.path.join(r, f): open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(d) for f in fs}
+
+
+CATALOGUE = [  # name, the command ({I}: the inputs folder), what the one line must say; run in an empty folder
+    ("missing_checkpoint", ["grpo_teacher.py"], "ckpts/base.safetensors does not exist"),
+    ("truncated_checkpoint", ["eval.py", "{I}/truncated.safetensors"], "not a readable safetensors"),
+    ("lora_given_as_base", ["grpo_teacher.py", "--model", "{I}/ocr.safetensors"], "not a flow-opd base model"),
+    ("lora_of_another_architecture", ["eval.py", "{I}/narrow.safetensors"], "the model wants"),
+    ("teacher_of_another_base", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
+                                 "geneval={I}/foreign.safetensors"], "trained on another base"),
+    ("unknown_reward", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--reward", "aesthetic"], "unknown reward"),
+    ("bad_reward_weight", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--reward", "geneval:0.5,ocr:x"],
+     "not a number"),
+    ("negative_reward_weight", ["grpo_teacher.py", "--reward", "ocr:-1"], "positive"),
+    ("empty_prompt_file", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--prompt_file", "{I}/empty.jsonl"],
+     "is empty"),
+    ("malformed_prompt_file", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--prompt_file", "{I}/bad.jsonl"],
+     "bad.jsonl:2:"),
+    ("label_without_teacher", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
+                               "--tasks", "geneval", "ocr"], "'ocr' has no teacher"),
+    ("two_teachers_one_label", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
+                                "ocr={I}/geneval.safetensors", "{I}/ocr.safetensors"], "two teachers claim task 'ocr'"),
+    ("no_teacher_at_all", ["opd_student.py", "--teachers", "{I}/base.safetensors"], "no teachers among"),
+    ("missing_anchor", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
+                        "--anchor", "{I}/nope.safetensors"], "anchor"),
+    ("zero_group", ["grpo_teacher.py", "--group", "0"], "--group must be >= 1"),
+    ("negative_steps", ["flow_matching.py", "--steps", "-3"], "--steps"),
+    ("zero_eval_prompts", ["eval.py", "{I}/base.safetensors", "--n", "0"], "--n"),
+    ("negative_guidance", ["eval.py", "{I}/base.safetensors", "--guidance", "-1"], "--guidance must be >= 0"),
+    ("noise_level_out_of_range", ["sde_sampler.py", "--model", "{I}/base.safetensors", "--noise_level", "5"], "[0, 2]"),
+    ("training_without_noise", ["grpo_teacher.py", "--noise_level", "0"], "exploration"),
+    ("sde_window_outside_the_steps", ["grpo_teacher.py", "--sde_window", "5", "20"], "--sde_window 5 20"),
+    ("unknown_word", ["sde_sampler.py", "--model", "{I}/base.safetensors", "--prompt", "a flying unicorn"], "no word 'flying'"),
+    ("out_not_writable", ["flow_matching.py", "--out", "/proc/nope/base.safetensors"], "choose another --out"),
+    ("resume_with_another_lora_rank", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--reward", "pickscore",
+                                       *TINY_RUN[:-4], "--rank", "4", "--alpha", "4", "--resume", "--out",
+                                       "{I}/run/t.safetensors"], "--rank was 2, now 4"),
+    ("resume_without_checkpoint", ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--resume"], "no checkpoint"),
+    ("merge_of_different_bases", ["merge.py", "{I}/ocr.safetensors", "{I}/foreign.safetensors", "--out", "m.safetensors"],
+     "base"),
+]
+
+
+def _bad_input_test(args, needle, torchrun=False):
+    def test():
+        inputs = _inputs()
+        before = _files(inputs)
+        cwd = tempfile.mkdtemp(dir=TMP)
+        cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [])]
+        cmd += [os.path.join(HERE, args[0]), *[a.replace("{I}", inputs) for a in args[1:]]]
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+        ours = [l for l in p.stderr.splitlines() if l.startswith("error: ")]
+        if torchrun:  # torchrun adds its own report of the failed workers; ours is one line, said once
+            assert p.returncode != 0 and len(ours) == 1 and needle in ours[0], p.stderr[-1500:]
+        else:
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode == 2 and len(lines) == 1 and lines == ours and needle in lines[0], \
+                f"exit {p.returncode}: {p.stderr[-1500:]}"
+        assert os.listdir(cwd) == [], f"wrote {os.listdir(cwd)}"
+        assert _files(inputs) == before
+        print(f"    {(ours or [''])[0][:150]}")
+    return test
+
+
+for _name, _args, _needle in CATALOGUE:
+    globals()[f"test_bad_input_{_name}"] = _bad_input_test(_args, _needle)
+globals()["test_bad_input_world_size_does_not_divide_the_batch"] = _bad_input_test(
+    ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--prompts", "1", "--group", "1"], "does not divide", True)
+globals()["test_bad_input_resume_with_another_world_size"] = _bad_input_test(
+    ["grpo_teacher.py", "--model", "{I}/base.safetensors", "--reward", "pickscore", *TINY_RUN, "--resume", "--out",
+     "{I}/run/t.safetensors"], "--nproc_per_node=1", True)
 
 
 # ----------------------------------------------------------------------------------------------- runner
