@@ -155,7 +155,7 @@ def main(argv=None):
         for p in mw.read_prompt_file(spec):
             by_task.setdefault(p["task"], []).append(p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else torch.float32
+    dtype = fm.dtype_for(args.precision, device)
     rewards.use_backends(args, device)
     named = [c.split("=", 1) if "=" in c else (os.path.basename(c).rsplit(".", 1)[0], c) for c in args.ckpts]
     rows, raw, pictures = {}, {}, {}

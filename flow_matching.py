@@ -130,6 +130,12 @@ def load_model(source, device="cpu", dtype=torch.float32):
     return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config))
 
 
+def dtype_for(precision, device):
+    """--precision: bf16, fp32, or auto (bf16 for SD3 on CUDA; the mini model is always float32)."""
+    bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def save_model(model, path, meta=None):
     """A mini base (transformer + text encoder) as safetensors; written to a temp file, then renamed."""
     sd = {f"transformer.{k}": v for k, v in model.transformer.state_dict().items()}

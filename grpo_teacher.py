@@ -134,8 +134,7 @@ def add_common_args(ap):
 
 def load_base(args, device):
     """The frozen base in --precision (SD3 on CUDA: bf16 weights; LoRA and SDE math stay float32), --grad_ckpt."""
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    model = fm.load_model(args.model, device, torch.bfloat16 if bf16 else torch.float32)
+    model = fm.load_model(args.model, device, fm.dtype_for(args.precision, device))
     if args.grad_ckpt:
         model.transformer.enable_gradient_checkpointing()
     return model

@@ -211,10 +211,15 @@ def deqa(images, prompts=None):
 #   geneval, deqa   reward servers over HTTP + JSON: POST {"images": [base64 PNG], "prompts": [str]} ->
 #              {"scores": [float | null]}; timeouts, bounded retries, one clear error. Never pickle.
 # `python rewards.py --serve geneval --port 8000` is a reference server (standard library + this file).
+def to_uint8(img):
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8 numpy, what PIL and OCR engines take."""
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
 def png_b64(img):
     from PIL import Image
     buf = io.BytesIO()
-    Image.fromarray((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
+    Image.fromarray(to_uint8(img)).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -265,7 +270,7 @@ def clip_pickscore(path, processor=None, device="cpu"):
     @torch.no_grad()
     def score(images, prompts):
         from PIL import Image
-        pil = [Image.fromarray((i.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()) for i in images]
+        pil = [Image.fromarray(to_uint8(i)) for i in images]
         x = proc(images=pil, text=[_prompt(p) for p in prompts], padding=True, truncation=True, max_length=77,
                  return_tensors="pt").to(device)
         img = model.get_image_features(pixel_values=x["pixel_values"])
@@ -291,7 +296,7 @@ def ocr_engine(name):
             if not m:
                 out.append(float("nan"))
                 continue
-            lines = engine.ocr((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy(), cls=False)
+            lines = engine.ocr(to_uint8(img), cls=False)
             text = "".join(w[1][0] for line in lines or [] for w in line or [])
             target = m.group(1).replace(" ", "").lower()
             out.append(max(0.0, 1 - edit_distance(text.replace(" ", "").lower(), target) / len(target)))
