@@ -77,6 +77,12 @@ def load_row(path, model_path=None, device="cpu", dtype=torch.float32):
             fm.load_lora(path, model.transformer, "row")
             fm.set_adapter(model.transformer, "row")
             return model
+    if model_path and os.path.isfile(os.path.join(path, "config.json")):  # a full SD3 student (opd_student --full)
+        from diffusers import SD3Transformer2DModel
+        model = fm.load_model(model_path, device, dtype)
+        model.transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype).to(device).requires_grad_(False)
+        model.pipe.transformer = model.transformer
+        return model
     if model_path and os.path.isdir(path):  # a peft adapter directory on --model
         model = fm.load_model(model_path, device, dtype)
         fm.load_lora(path, model.transformer, "row")

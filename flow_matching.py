@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import random
 import shutil
 import signal
@@ -36,9 +37,9 @@ MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, 
                    num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
                    pooled_projection_dim=128, pos_embed_max_size=8)
 MAX_TOKENS = 10
-# Flow-GRPO's LoRA targets: the joint attention's image and text projections
-LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+# Flow-GRPO's LoRA targets (peft names): the attention's image and text projections, in every attention module
+# (SD3.5's dual-attention blocks have a second one, attn2)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class MiniTextEncoder(nn.Module):
@@ -136,9 +137,10 @@ def dtype_for(precision, device):
     return torch.bfloat16 if bf16 else torch.float32
 
 
-def save_model(model, path, meta=None):
-    """A mini base (transformer + text encoder) as safetensors; written to a temp file, then renamed."""
-    sd = {f"transformer.{k}": v for k, v in model.transformer.state_dict().items()}
+def save_model(model, path, meta=None, transformer_state=None):
+    """A mini base (transformer + text encoder) as safetensors; written to a temp file, then renamed.
+    transformer_state: the transformer's weights when they live elsewhere (a full student gathered from FSDP)."""
+    sd = {f"transformer.{k}": v for k, v in (transformer_state or model.transformer.state_dict()).items()}
     sd.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
     sd = {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
     meta = {"format": "flow-opd-mini", "config": json.dumps(model.config), **(meta or {})}
@@ -286,7 +288,8 @@ def add_lora(transformer, name, rank=32, alpha=64, targets=LORA_TARGETS):
     if rank < 1 or alpha <= 0:
         raise BadInput(f"LoRA rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
     for path, module in list(transformer.named_modules()):
-        if isinstance(module, nn.Linear) and any(path.endswith(t) for t in targets) and ".base" not in path:
+        if isinstance(module, nn.Linear) and any(path == t or path.endswith("." + t) for t in targets) \
+                and ".base" not in path:
             parent, _, child = path.rpartition(".")
             setattr(transformer.get_submodule(parent), child, LoRALinear(module))
     for layer in lora_layers(transformer).values():
@@ -318,7 +321,7 @@ def write_lora(path, pairs, rank, alpha, meta):
     for mod, (A, B) in pairs.items():
         sd[f"transformer.{mod}.lora_A.weight"] = A.contiguous()
         sd[f"transformer.{mod}.lora_B.weight"] = B.contiguous()
-    targets = sorted({m.split("attn.", 1)[-1] for m in pairs})
+    targets = sorted({re.sub(r"^.*\.attn2?\.", "", m) for m in pairs})
     adapter = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
     atomic_save(sd, path, {"format": "flow-opd-lora", "flow_opd": json.dumps(meta),
                            "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()})})

@@ -11,19 +11,30 @@ One step, top to bottom:
      which is exactly the KL between the student's and the teacher's Gaussian steps
   5. advantages, then the clipped update of Eq. 11 plus MAR toward the frozen quality anchor (Eq. 12, mar.py)
 
-Advantages (--advantage). Eq. 10's r_t is a function of the state x_t only, and the ratio rho_t scores the action
-x_t -> x_t+1. With A_t = r_t (`paper`, the official code) the estimator is E[r_t grad log pi(x_t+1 | x_t)] = 0: the
-step's own KL is not reduced (test_all.py shows it). `logratio` (default) uses the sampled log-ratio
-A_t = log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t), whose expectation is exactly r_t (Eq. 9) and whose
-policy gradient is minus the gradient of Eq. 9's KL: the per-token reverse KL of LLM on-policy distillation (Eq. 2).
+Advantages (--advantage), three estimators of the gradient of Eq. 9's KL at the visited states:
+  analytic (default)  the loss is Eq. 9's KL itself, gradient through mu_theta, as Eq. 12 treats the anchor: the
+                      closed-form expectation of `logratio` (Rao-Blackwellised), so the same gradient without the noise.
+  logratio            A_t = log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t) in Eq. 11: E[A_t] = r_t, and its policy
+                      gradient is -grad KL, the per-token reverse KL of LLM on-policy distillation (Eq. 2). Unbiased,
+                      but its signal is eps . (mu_old - mu*) summed over all D dimensions: measured on the mini world,
+                      100 steps moved the student a fraction of what 10 analytic steps do, and lr 3e-3 diverged.
+  paper               A_t = r_t (the official code). r_t is a function of the state x_t only, and the ratio scores
+                      the action x_t -> x_t+1, so E[r_t grad log pi(x_t+1 | x_t)] = 0: the step's own KL gets no push.
+test_all.py checks all three against the closed-form gradient.
 
+By default the deqa (quality) teacher is the MAR anchor and not a routed task, as in the paper (GenEval, OCR and
+PickScore routed; --tasks adds deqa).
 Teachers are LoRA adapters on the one frozen base in memory; every trained step runs one forward per teacher on
-the samples routed to it. The student is one more adapter (rank sum r_k after a merge cold start).
+the samples routed to it. The student is one more adapter (rank sum r_k after a merge cold start), or with --full a
+full copy of the base, sharded with FSDP under torchrun.
 """
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -113,17 +124,16 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
     v_star = torch.empty_like(x_t, dtype=torch.float32)
     for task, idx in groups.items():
         fm.set_adapter(model.transformer, f"teacher:{task}")
-        for mb in torch.tensor(idx).split(micro_batch):
+        for mb in torch.tensor(idx, dtype=torch.long).split(micro_batch):
             v_star[mb] = fm.velocity(model, x_t[mb], sigma, fm.select(enc, mb), guidance)
     return v_star
 
 
 # ----------------------------------------------------------------------------------------------- cold start
-def sft_cold_start(model, routes, args, device):
-    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student adapter."""
-    params = fm.adapter_params(model.transformer, "student")
+def sft_cold_start(model, student, params, routes, tasks, args, device):
+    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student."""
     opt = torch.optim.AdamW(params, lr=args.sft_lr)
-    stream = grpo.prompt_stream(args, sorted(routes))
+    stream = grpo.prompt_stream(args, tasks)
     pool = []
     for i in tqdm(range(0, args.sft_samples, args.micro_batch), desc="sft: teacher samples", leave=False):
         prompts = [next(stream) for _ in range(min(args.micro_batch, args.sft_samples - i))]
@@ -133,31 +143,78 @@ def sft_cold_start(model, routes, args, device):
             g = torch.Generator().manual_seed(args.seed * 7919 + i)
             out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g)
             pool += [(prompts[j], out["states"][k, -1]) for k, j in enumerate(idx)]
-    fm.set_adapter(model.transformer, "student")
+    fm.set_adapter(student.transformer, "student")
     rng = random.Random(args.seed)
     for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
         batch = rng.sample(pool, min(args.micro_batch, len(pool)))
         x0 = torch.stack([x for _, x in batch]).to(device)
-        loss = fm.flow_matching_loss(model, x0, fm.encode_prompts(model, [p for p, _ in batch])).mean()
+        loss = fm.flow_matching_loss(student, x0, fm.encode_prompts(model, [p for p, _ in batch])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
 
+# ----------------------------------------------------------------------------------------------- --full
+def full_student(model, transformer, pairs, world):
+    """--full: the student is a full copy of the base in float32, cold-started by folding the merged teachers'
+    deltas (B A, already scaled) into its weights. Under torchrun it is sharded with FSDP (each block, then the
+    whole; bf16 compute when the base is bf16), so each GPU holds 1/world of its weights, gradients and AdamW state."""
+    with torch.no_grad():
+        for mod, (A, B) in (pairs or {}).items():
+            W = transformer.get_submodule(mod).weight
+            W += (B @ A).to(W)
+    transformer.requires_grad_(True)
+    if world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        compute = next(model.transformer.parameters()).dtype
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+        for block in transformer.transformer_blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(transformer, mp_policy=mp)
+    return dataclasses.replace(model, transformer=transformer)
+
+
+def save_full(args, model, student, meta, rank, world):
+    """The full student at --out: a mini checkpoint (eval.py reads it like a base), or for SD3 a diffusers
+    transformer folder. Under FSDP every rank takes part in gathering the weights; rank 0 writes."""
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(student.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = student.transformer.state_dict()
+    if rank != 0:
+        return
+    if model.kind == "mini":
+        fm.save_model(model, args.out, {"flow_opd": json.dumps({**meta, "config": vars(args)})}, transformer_state=sd)
+    else:
+        from diffusers import SD3Transformer2DModel
+        t = SD3Transformer2DModel.from_config(model.transformer.config)
+        t.load_state_dict(sd)
+        tmp = args.out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        t.save_pretrained(tmp)
+        shutil.rmtree(args.out, ignore_errors=True)
+        os.replace(tmp, args.out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
     grpo.add_common_args(ap)
-    ap.set_defaults(prompts=32, group=1, steps=100, lr=3e-4, clip=1e-4)
+    ap.set_defaults(prompts=32, group=1, steps=60, lr=1e-3, clip=1e-4)
     ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH or LABEL=PATH")
     ap.add_argument("--anchor", default="auto", help="MAR anchor: PATH, 'none', or 'auto' (the deqa teacher)")
     ap.add_argument("--beta", type=float, default=mar.BETA, help="MAR weight beta of Eq. 12 (official: 0.04)")
-    ap.add_argument("--advantage", choices=["logratio", "paper"], default="logratio", help="see the docstring")
+    ap.add_argument("--advantage", choices=["analytic", "logratio", "paper"], default="analytic",
+                    help="estimator of Eq. 9's gradient; see the docstring")
     ap.add_argument("--adv_norm", action="store_true", help="normalise advantages over the global batch")
     ap.add_argument("--init", choices=["merge", "sft", "base"], default="merge", help="cold start of the student")
     ap.add_argument("--sft_samples", type=int, default=512)
     ap.add_argument("--sft_steps", type=int, default=200)
     ap.add_argument("--sft_lr", type=float, default=1e-3)
-    ap.add_argument("--tasks", nargs="+", default=None, help="prompt task labels to train on (default: the teachers')")
+    ap.add_argument("--tasks", nargs="+", default=None, help="prompt task labels to train on (default: the teachers', "
+                    "but deqa: the paper routes GenEval, OCR and PickScore and keeps the quality teacher as the anchor)")
+    ap.add_argument("--full", action="store_true", help="train every weight of the student (FSDP under torchrun) "
+                    "instead of a LoRA: --out is then a full checkpoint (SD3: a transformer folder)")
     ap.add_argument("--out", default="ckpts/students/opd.safetensors")
     args = ap.parse_args(argv)
     rank, world, device = grpo.dist_setup()
@@ -166,7 +223,10 @@ def main(argv=None):
         args.teachers = sorted(os.path.join(args.teachers[0], f) for f in os.listdir(args.teachers[0]))
     check_args(args, world)
     routes, skipped = resolve_teachers(args.teachers)
-    tasks = args.tasks or sorted(routes)
+    tasks = args.tasks or [t for t in sorted(routes) if t != "deqa"]
+    if not tasks:
+        raise fm.BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
+                          "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
     anchor = routes.get("deqa") if args.anchor == "auto" else None if args.anchor == "none" else args.anchor
     anchor = anchor and fm.fetch_adapter(anchor)
@@ -178,6 +238,7 @@ def main(argv=None):
     # one frozen base, every teacher and the anchor as adapters on it, the student as one more
     model = grpo.load_base(args, device)
     base_hash = fm.fingerprint(model)
+    full = copy.deepcopy(model.transformer).float() if args.full else None  # before any adapter is added
     teacher_set = []
     for task, path in sorted(routes.items()):
         meta = fm.load_lora(path, model.transformer, f"teacher:{task}")
@@ -190,20 +251,27 @@ def main(argv=None):
         anchor_name = next((f"teacher:{t}" for t, p in routes.items() if p == anchor), "anchor")
         if anchor_name == "anchor":
             fm.load_lora(anchor, model.transformer, "anchor")
-    if args.init == "merge":
-        pairs, r, _ = merge.merge_files(sorted(set(routes.values())))
-        fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
-    else:
-        fm.add_lora(model.transformer, "student", args.rank, args.alpha)
-    params = fm.adapter_params(model.transformer, "student")
+    pairs, r, _ = merge.merge_files(sorted(set(routes.values()))) if args.init == "merge" else (None, 0, None)
+    if args.full:  # the student's forward: its own full copy ...
+        student = full_student(model, full, pairs, world)
+        params = list(student.transformer.parameters())
+    else:          # ... or the one base with the "student" adapter (rank sum r_k after a merge, scaling 1)
+        student = model
+        if pairs:
+            fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+        else:
+            fm.add_lora(model.transformer, "student", args.rank, args.alpha)
+        params = fm.adapter_params(model.transformer, "student")
     if rank == 0:
         for path, why in skipped:
             print(f"skipped {path}: {why}")
         print(f"routes (Eq. 7): {', '.join(f'{t} -> {p}' for t, p in sorted(routes.items()))}; anchor (Eq. 12): "
-              f"{anchor or 'none'}; init {args.init}; {len(params) // 2} adapted layers")
+              f"{anchor or 'none'}; init {args.init}; student: " + (f"full ({sum(p.numel() for p in params) / 1e6:.1f}M "
+              "parameters, FSDP)" if args.full else f"LoRA on {len(params) // 2} layers"))
     if args.init == "sft" and not args.resume:
-        sft_cold_start(model, routes, args, device)
-        grpo.all_reduce_mean([p.data for p in params], world)
+        sft_cold_start(model, student, params, routes, tasks, args, device)
+        if not args.full:  # (every rank trained on the same pool; FSDP keeps its shards in step by itself)
+            grpo.all_reduce_mean([p.data for p in params], world)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -212,8 +280,8 @@ def main(argv=None):
     N = args.prompts * args.group
     local = list(range(rank * N // world, (rank + 1) * N // world))
     stream, order_rng = grpo.prompt_stream(args, tasks), random.Random(args.seed)
-    meta = {"role": "student", "tasks": tasks, "teachers": teacher_set, "init": args.init, "base_path": args.model,
-            "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
+    meta = {"role": "student", "full": args.full, "tasks": tasks, "teachers": teacher_set, "init": args.init,
+            "base_path": args.model, "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
     check_teacher_set(args, meta)
     start = grpo.resume(args, params, opt, stream, order_rng, rank, world,
                         {"base_hash": base_hash}, may_change=("teachers", "anchor"))  # checked by content above
@@ -229,8 +297,8 @@ def main(argv=None):
         enc = fm.encode_prompts(model, prompts)
         x, eps = grpo.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
         # 1. the student's own trajectories
-        fm.set_adapter(model.transformer, "student")
-        traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
+        fm.set_adapter(student.transformer, "student")  # (a full student has no adapters: a no-op)
+        traj = sampler.sample(student, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp, v_old = traj["states"], traj["sigmas"], traj["log_probs"].to(device), traj["velocities"]
         t1 = time.time()
 
@@ -239,7 +307,7 @@ def main(argv=None):
         n_local = len(local)
         reward = torch.zeros(n_local, T, device=device)
         adv = torch.zeros(n_local, T, device=device)
-        mu_anchor = {}
+        mu_anchor, mu_target = {}, {}
         vel_mse = {task: 0.0 for task in groups}
         with torch.no_grad():
             for t in sde:
@@ -248,10 +316,12 @@ def main(argv=None):
                 for task, idx in groups.items():
                     vel_mse[task] += float(((v_old[idx, t] - v_star[idx]) ** 2).mean()) / len(sde)
                 reward[:, t] = dense_reward(v_old[:, t], v_star, sigmas, t, args.noise_level)   # Eq. 10
+                mu_star, std = sampler.gaussian_step(states[:, t], v_star, sigmas, t, args.noise_level)  # Eq. 7
                 if args.advantage == "paper":
                     adv[:, t] = reward[:, t]
+                elif args.advantage == "analytic":
+                    mu_target[t] = mu_star
                 else:  # log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t), summed over dims: E = r_t (Eq. 9)
-                    mu_star, std = sampler.gaussian_step(states[:, t], v_star, sigmas, t, args.noise_level)
                     D = states[0, 0].numel()
                     adv[:, t] = D * (sampler.log_prob(states[:, t + 1], mu_star, std) - old_lp[:, t])
                 if anchor_name:
@@ -263,7 +333,7 @@ def main(argv=None):
         t2 = time.time()
 
         # 5. clipped update (Eq. 11) + MAR (Eq. 12)
-        fm.set_adapter(model.transformer, "student")
+        fm.set_adapter(student.transformer, "student")
         stats = torch.zeros(4, device=device)  # loss, MAR KL, clip fraction, approx KL
         for epoch in range(args.inner_epochs):
             opt.zero_grad(set_to_none=True)
@@ -272,8 +342,10 @@ def main(argv=None):
             epoch_loss = torch.zeros(1, device=device)
             for t in steps_t:
                 for mb in torch.arange(n_local).split(args.micro_batch):
-                    _, lp, mu, std = grpo.policy_step(model, states[mb], sigmas, t, fm.select(enc, mb), args)
+                    _, lp, mu, std = grpo.policy_step(student, states[mb], sigmas, t, fm.select(enc, mb), args)
                     pg, ratio = grpo.clipped_surrogate(lp, old_lp[mb, t], adv[mb, t], args.clip)   # Eq. 11
+                    if args.advantage == "analytic":  # E[pg]'s gradient in closed form: Eq. 9's KL, per dimension
+                        pg = sampler.kl_per_dim(mu, mu_target[t][mb], std)
                     kl = mar.mar_kl(mu, mu_anchor[t][mb], std) if anchor_name else torch.zeros_like(pg)  # Eq. 12
                     loss = (pg + args.beta * kl).sum() / n
                     loss.backward()
@@ -282,8 +354,9 @@ def main(argv=None):
                         stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
                                               ((ratio - 1).abs() > args.clip).float().sum(),
                                               (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
-            grpo.all_reduce_mean([p.grad for p in params] + [epoch_loss], world)
+            grpo.all_reduce_mean(([] if args.full else [p.grad for p in params]) + [epoch_loss], world)  # FSDP: done
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             bad = fm.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
                                     args.max_bad_steps, args.out)
             if bad:
@@ -305,11 +378,15 @@ def main(argv=None):
                                 if "/reward/" not in k))
         stop = fm.stop_requested(world, device)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            grpo.checkpoint(args, model, "student", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
+            if args.full:
+                save_full(args, model, student, {**meta, "step": step + 1}, rank, world)
+            else:
+                grpo.checkpoint(args, model, "student", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
         if stop:
             break
     if rank == 0:
-        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
+        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; " + ("the student so far is at --out" if args.full
+              else "--resume continues") if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -338,6 +415,9 @@ def check_args(args, world):
     grpo.check_common_args(args, world)
     if args.beta < 0:
         raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
+    if args.full and args.resume:
+        raise fm.BadInput("--resume does not cover --full yet (its checkpoint is the student alone, no optimizer "
+                          "state); start over, or train a LoRA student")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
         raise fm.BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
     fm.check_writable(args.out)

@@ -358,6 +358,38 @@ def test_sd3_backend_tiny_pipeline():
     assert len(fm.lora_layers(model.transformer)) == 15  # 8 per block; the last block has no to_add_out
 
 
+def test_our_adapter_loads_into_diffusers():
+    """An adapter we save loads with diffusers' own pipe.load_lora_weights and gives our velocities. (diffusers needs
+    peft for that; .ci/run installs it, as a test-only package.)"""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise AssertionError("this test needs peft (pip install peft; .ci/run installs it)") from None
+    from diffusers import StableDiffusion3Pipeline
+    path = tiny_sd3_pipeline()
+    model = fm.load_model(path)
+    fm.add_lora(model.transformer, "ours", rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for layer in fm.lora_layers(model.transformer).values():  # B != 0, so the adapter changes the output
+        layer.lora_B["ours"].weight.data = torch.randn(layer.lora_B["ours"].weight.shape, generator=g) * 0.1
+    fm.set_adapter(model.transformer, "ours")
+    file = os.path.join(TMP, "ours_for_diffusers.safetensors")
+    fm.save_lora(file, model.transformer, "ours", {"role": "test"})
+    enc = fm.encode_prompts(model, ["a red circle", 'the text "47"'])
+    x = torch.randn(2, *model.latent_shape(64), generator=g)
+    with torch.no_grad():
+        v_ours = fm.velocity(model, x, 0.6, enc)
+        fm.set_adapter(model.transformer, None)
+        v_base = fm.velocity(model, x, 0.6, enc)
+        none = dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, **none)
+        pipe.load_lora_weights(file)
+        v_diffusers = pipe.transformer(hidden_states=x, encoder_hidden_states=enc["seq"], pooled_projections=enc["pooled"],
+                                       timestep=torch.full((2,), 600.0), return_dict=False)[0]
+    assert (v_ours - v_base).abs().max() > 1e-2, "the adapter must matter for this test to mean anything"
+    close(v_diffusers, v_ours, 1e-5, "diffusers' load_lora_weights output = ours")
+
+
 def test_sd3_pipeline_through_every_script():
     """The real-world path on a tiny random SD3 pipeline: a teacher step, merge, an OPD step (a peft-format teacher
     among the teachers), eval on 2 prompts. Prompts come from Flow-GRPO-style files (TASK=PATH, .txt / .jsonl)."""
@@ -391,10 +423,14 @@ def test_sd3_pipeline_through_every_script():
         "--anchor", "none", "--out", f"{d}/student.safetensors", "--log_file", f"{d}/opd.jsonl")
     rec = read_log(f"{d}/opd.jsonl")[0]
     assert math.isfinite(rec["loss"]) and any(k.startswith("opd/vel_mse/") for k in rec), rec  # 2 random prompts
-    cli("eval.py", f"student={d}/student.safetensors", "--model", pipe, "--n", "2", "--steps", "3", "--resolution", "64",
-        "--prompt_file", *files, "--out", f"{d}/eval")
+    # a full-weight student (--full): a diffusers transformer folder that eval.py takes as a row on --model
+    cli("opd_student.py", *small, "--teachers", f"geneval={d}/teachers/geneval.safetensors", f"ocr={peft}",
+        "--anchor", "none", "--full", "--lr", "1e-4", "--out", f"{d}/student_full", "--log_file", f"{d}/opd_full.jsonl")
+    assert os.path.isfile(f"{d}/student_full/config.json")
+    cli("eval.py", f"student={d}/student.safetensors", f"full={d}/student_full", "--model", pipe, "--n", "2", "--steps",
+        "3", "--resolution", "64", "--prompt_file", *files, "--out", f"{d}/eval")
     table = json.load(open(f"{d}/eval/table.json"))
-    assert len(table["scores"]["student"]["ocr"]) == 2
+    assert len(table["scores"]["student"]["ocr"]) == 2 and len(table["scores"]["full"]["ocr"]) == 2
 
 
 def _rendered(task, n, seed):
@@ -585,7 +621,8 @@ def test_eq9_dense_reward_is_the_gaussian_kl():
 
 
 def test_policy_gradient_of_the_dense_reward():
-    """The sampled log-ratio's policy gradient is -grad KL; Eq. 10's state reward (A_t = r_t) gives zero."""
+    """The sampled log-ratio's policy gradient is -grad KL, and `analytic` is that expectation in closed form;
+    Eq. 10's state reward (A_t = r_t) gives zero."""
     import grpo_teacher as grpo
     torch.manual_seed(0)
     D, M, std = 4, 200000, 0.5
@@ -605,6 +642,12 @@ def test_policy_gradient_of_the_dense_reward():
           f"vs -KL {-float(kl):.4f}; grad logratio {grads['logratio'].tolist()} vs {true.tolist()}; paper {grads['paper'].tolist()}")
     close(grads["logratio"], true, 0.03, "logratio gradient = grad KL")
     assert grads["paper"].abs().max() < 0.01, "A_t = r_t(x_t) carries no gradient for the step's own action"
+    analytic = torch.autograd.grad(sampler.kl_per_dim(theta[None], mu_star[None], std).sum(), theta)[0]
+    close(analytic, true, 1e-6, "analytic = closed-form grad KL")
+    # and why it exists: one sample's log-ratio gradient is mostly noise (its spread exceeds the signal, here in 4
+    # dimensions; it grows with D)
+    per_sample = (D * (sampler.log_prob(x, mu_star.expand(M, D), std) - old))[:, None] * (x - theta.detach()) / (std ** 2 * D)
+    assert per_sample.std(0).min() > true.abs().max(), (per_sample.std(0), true)
 
 
 def _opd_setup():
@@ -706,6 +749,59 @@ def test_opd_two_process_update_and_routing_errors():
                  "--out", os.path.join(TMP, "x.safetensors"), expect=2)
     assert "two teachers claim task 'ocr'" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(os.path.join(TMP, "x.safetensors"))
+
+
+def test_opd_full_student_fsdp():
+    """--full: the merge cold start folded into dense weights equals the merged LoRA; two steps under 2-process
+    torchrun with FSDP give the same student as one process."""
+    import opd_student as opd
+    import merge
+    base, paths = _opd_setup()
+    model = fm.load_model(base)
+    copy_ = __import__("copy").deepcopy(model.transformer)
+    pairs, r, _ = merge.merge_files([paths["geneval"], paths["ocr"]])
+    fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+    fm.set_adapter(model.transformer, "student")
+    student = opd.full_student(model, copy_, pairs, world=1)
+    enc = fm.encode_prompts(model, [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "4"', "task": "ocr"}])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        close(fm.velocity(student, x, 0.7, enc), fm.velocity(model, x, 0.7, enc), 1e-5, "dense fold = merged LoRA")
+    common = ["--model", base, "--teachers", paths["geneval"], paths["ocr"], "--anchor", paths["deqa"], "--steps", "2",
+              "--full", "--lr", "1e-4", *TINY_RUN]
+    outs = [os.path.join(TMP, "students", f"full{n}.safetensors") for n in (1, 2)]
+    cli("opd_student.py", *common, "--out", outs[0], "--log_file", outs[0] + ".jsonl")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "opd_student.py", *common, "--out", outs[1], "--log_file", outs[1] + ".jsonl"],
+                       cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = read_log(outs[0] + ".jsonl"), read_log(outs[1] + ".jsonl")
+    close(a[0]["grad_norm"], b[0]["grad_norm"], 1e-5 * a[0]["grad_norm"], "first update's grad norm, 1 vs 2 processes")
+    w1, w2, w0 = (fm.load_model(f).transformer.state_dict() for f in (*outs, base))
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w0)
+    print(f"    full student moved up to {moved:.3g} from the base; 1 vs 2 processes (FSDP) differ by {diff:.3g}")
+    assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100)
+    assert json.loads(safe_meta(outs[0])["flow_opd"])["full"] is True
+
+
+def safe_meta(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def test_benchmark_tiny_memory_counts():
+    """benchmark.py --tiny runs both iterations, and its memory figures equal counts made here: four full copies
+    are 4x the base; five rank-2 adapters are 5 x 2 x (in + out) float32 numbers per adapted layer."""
+    import benchmark
+    res = benchmark.main(["--tiny"])
+    t = __import__("diffusers").SD3Transformer2DModel(**benchmark.TINY)
+    base = sum(p.numel() * 4 for p in t.parameters()) + sum(b.numel() * 4 for b in t.buffers())
+    fm.add_lora(t, "x", 2, 4)
+    lora = sum(5 * 2 * (l.base.in_features + l.base.out_features) * 4 for l in fm.lora_layers(t).values())
+    assert res["base"] == base and res["full"] == 4 * base and res["lora"] == lora, (res, base, lora)
+    assert res["t_opd"] > 0 and res["t_grpo"] > 0
 
 
 def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
@@ -918,6 +1014,10 @@ CATALOGUE = [  # name, the command ({I}: the inputs folder), what the one line m
     ("two_teachers_one_label", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
                                 "ocr={I}/geneval.safetensors", "{I}/ocr.safetensors"], "two teachers claim task 'ocr'"),
     ("no_teacher_at_all", ["opd_student.py", "--teachers", "{I}/base.safetensors"], "no teachers among"),
+    ("only_the_anchor_teacher", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
+                                 "deqa={I}/ocr.safetensors"], "no task to distil"),
+    ("full_with_resume", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
+                          "--full", "--resume"], "--resume does not cover --full"),
     ("missing_anchor", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
                         "--anchor", "{I}/nope.safetensors"], "anchor"),
     ("zero_group", ["grpo_teacher.py", "--group", "0"], "--group must be >= 1"),
