@@ -9,7 +9,8 @@ One step, top to bottom:
   3. that teacher's velocity v* at every state the student visited
   4. the dense reward r_t = -lambda_t || sg[v_theta] - v* ||^2, lambda_t = (-dt) kappa_t^2 / (2 s_t^2) (Eq. 9-10),
      which is exactly the KL between the student's and the teacher's Gaussian steps
-  5. advantages, then the clipped update of Eq. 11 plus MAR toward the frozen quality anchor (Eq. 12, mar.py)
+  5. the update: Eq. 11 with an advantage built from step 4 (or, by default, its expectation in closed form: the
+     gradient of Eq. 9's KL), plus MAR toward the frozen quality anchor (Eq. 12, mar.py)
 
 Advantages (--advantage), three estimators of the gradient of Eq. 9's KL at the visited states:
   analytic (default)  the loss is Eq. 9's KL itself, gradient through mu_theta, as Eq. 12 treats the anchor: the
@@ -24,6 +25,7 @@ test_all.py checks all three against the closed-form gradient.
 
 By default the deqa (quality) teacher is the MAR anchor and not a routed task, as in the paper (GenEval, OCR and
 PickScore routed; --tasks adds deqa).
+
 Teachers are LoRA adapters on the one frozen base in memory; every trained step runs one forward per teacher on
 the samples routed to it. The student is one more adapter (rank sum r_k after a merge cold start), or with --full a
 full copy of the base, sharded with FSDP under torchrun.
