@@ -469,8 +469,9 @@ def set_rng_states(st, *loop_rngs):
         r.setstate((s[0], tuple(s[1]), s[2]))
 
 
-def save_state(out, step, tensors, opt, meta, loop_rngs=(), rank=0, world=1):
-    """One resumable checkpoint of `step` (every rank calls it), replacing the previous one only once complete."""
+def save_state(out, step, tensors, opt_state, meta, loop_rngs=(), rank=0, world=1):
+    """One resumable checkpoint of `step` (every rank calls it), replacing the previous one only once complete.
+    opt_state: the optimizer's state dict as rank 0 holds it (`opt.state_dict()`, or FSDP's gathered one)."""
     root = state_dir(out)
     tmp, final = os.path.join(root, f".step_{step:08d}.tmp"), os.path.join(root, f"step_{step:08d}")
     if rank == 0:
@@ -481,7 +482,7 @@ def save_state(out, step, tensors, opt, meta, loop_rngs=(), rank=0, world=1):
         json.dump(rng_states(*loop_rngs), f)
     barrier(world)
     if rank == 0:
-        sd = opt.state_dict()  # AdamW: {"state": {i: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
+        sd = opt_state  # AdamW: {"state": {i or name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
         tensors = {**tensors, **{f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
         meta = {**meta, "step": step, "world": world, "param_groups": sd["param_groups"]}
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"),
@@ -494,9 +495,10 @@ def save_state(out, step, tensors, opt, meta, loop_rngs=(), rank=0, world=1):
     barrier(world)
 
 
-def load_state(out, opt, config, rank=0, world=1, loop_rngs=(), may_change=()):
-    """The latest checkpoint of the run writing `out`: restores the optimizer and every RNG, returns (tensors, meta).
-    Refuses other flags than the run's (except those that may change: --steps, logging) and another world size."""
+def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_tensors=True):
+    """The latest checkpoint of the run writing `out`: restores every RNG, returns (tensors, meta, optimizer state
+    dict). Refuses other flags than the run's (except those that may change: --steps, logging) and another world
+    size. read_tensors=False reads the metadata alone (FSDP: rank 0 reads the weights and broadcasts them)."""
     root = state_dir(out)
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
     if not steps:
@@ -504,7 +506,8 @@ def load_state(out, opt, config, rank=0, world=1, loop_rngs=(), may_change=()):
     path = os.path.join(root, steps[-1])
     try:
         with safe_open(os.path.join(path, "state.safetensors"), "pt") as f:
-            meta, tensors = json.loads(f.metadata()["flow_opd_state"]), {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads(f.metadata()["flow_opd_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}
         rng = json.load(open(os.path.join(path, f"rng_rank{rank}.json")))
     except Exception as e:
         raise BadInput(f"--resume: {path} is damaged ({type(e).__name__}); delete it to start from scratch") from None
@@ -521,11 +524,10 @@ def load_state(out, opt, config, rank=0, world=1, loop_rngs=(), may_change=()):
     state = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+            i, name = k[4:].rsplit(".", 1)  # a parameter's index, or its name (FSDP's full state dict)
+            state.setdefault(int(i) if i.isdigit() else i, {})[name] = v
     set_rng_states(rng, *loop_rngs)
-    return tensors, meta
+    return tensors, meta, {"state": state, "param_groups": meta["param_groups"]}
 
 
 def barrier(world):
@@ -580,7 +582,8 @@ def main(argv=None):
     prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed), random.Random(args.seed)
     start = 0
     if args.resume:
-        tensors, meta = load_state(args.out, opt, vars(args), loop_rngs=[rng])
+        tensors, meta, opt_state = load_state(args.out, vars(args), loop_rngs=[rng])
+        opt.load_state_dict(opt_state)
         with torch.no_grad():
             for i, (p, e) in enumerate(zip(params, ema)):
                 p.copy_(tensors[f"param.{i}"]), e.copy_(tensors[f"ema.{i}"])
@@ -623,7 +626,7 @@ def main(argv=None):
         stop = stop_requested(1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             tensors = {**{f"param.{i}": p for i, p in enumerate(params)}, **{f"ema.{i}": e for i, e in enumerate(ema)}}
-            save_state(args.out, step + 1, tensors, opt, {"config": vars(args)}, loop_rngs=[rng])
+            save_state(args.out, step + 1, tensors, opt.state_dict(), {"config": vars(args)}, loop_rngs=[rng])
         if stop:
             print(f"stopped by {STOP['signal']} after step {step + 1}; `python flow_matching.py --resume` continues")
             return

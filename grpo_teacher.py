@@ -200,7 +200,9 @@ def main(argv=None):
     local = list(range(rank * N // world, (rank + 1) * N // world))  # this rank's global sample indices
     stream, order_rng = prompt_stream(args, tasks), random.Random(args.seed)
     meta = {"role": role, "rewards": weights, "tasks": tasks, "base_path": args.model, "base_hash": base_hash}
-    start = resume(args, params, opt, stream, order_rng, rank, world, {"base_hash": base_hash})
+    start, state, opt_state = resume(args, stream, order_rng, rank, world, {"base_hash": base_hash})
+    if start:
+        restore_lora(params, opt, state, opt_state)
     log = open_log(args, rank)
     if rank == 0:
         print(f"{role} {args.reward}: {args.steps} steps x {args.prompts} prompts x {args.group} samples on {world} "
@@ -287,30 +289,35 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------- runs survive
-def resume(args, params, opt, stream, order_rng, rank, world, expect, may_change=()):
-    """--resume: restore the adapter, optimizer, RNGs and prompt position of the latest checkpoint; returns its step."""
+def resume(args, stream, order_rng, rank, world, expect, may_change=(), read_tensors=True):
+    """--resume: the latest checkpoint's (step, tensors, optimizer state), the RNGs and the prompt position restored;
+    (0, None, None) without --resume. The caller puts its weights back (restore_lora, or opd_student's --full)."""
     if not args.resume:
-        return 0
-    tensors, meta = fm.load_state(args.out, opt, vars(args), rank, world, [order_rng], may_change)
+        return 0, None, None
+    tensors, meta, opt_state = fm.load_state(args.out, vars(args), rank, world, [order_rng], may_change, read_tensors)
     for k, v in expect.items():
         if meta.get(k) != v:
             raise fm.BadInput(f"--resume: the checkpoint has {k} {meta.get(k)!r}, this run {v!r}; resume with the "
                               "run's own --model and teachers, or drop --resume")
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
     for _ in range(meta["step"] * args.prompts):  # the data position: the prompt stream is a seeded sequence
         next(stream)
     if rank == 0:
         print(f"resumed {args.out} at step {meta['step']}")
-    return meta["step"]
+    return meta["step"], tensors, opt_state
+
+
+def restore_lora(params, opt, tensors, opt_state):
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    opt.load_state_dict(opt_state)
 
 
 def checkpoint(args, model, name, params, opt, meta, order_rng, rank, world):
     """The adapter at --out (what the next stage reads) and the resumable state beside it, both atomically."""
     if rank == 0:
         fm.save_lora(args.out, model.transformer, name, {**meta, "config": vars(args)})
-    fm.save_state(args.out, meta["step"], {f"param.{i}": p for i, p in enumerate(params)}, opt,
+    fm.save_state(args.out, meta["step"], {f"param.{i}": p for i, p in enumerate(params)}, opt.state_dict(),
                   {**meta, "config": vars(args)}, [order_rng], rank, world)
 
 

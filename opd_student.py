@@ -176,27 +176,43 @@ def full_student(model, transformer, pairs, world):
     return dataclasses.replace(model, transformer=transformer)
 
 
-def save_full(args, model, student, meta, rank, world):
-    """The full student at --out: a mini checkpoint (eval.py reads it like a base), or for SD3 a diffusers
-    transformer folder. Under FSDP every rank takes part in gathering the weights; rank 0 writes."""
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(student.transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = student.transformer.state_dict()
-    if rank != 0:
-        return
+def checkpoint_full(args, model, student, opt, meta, order_rng, rank, world):
+    """--full: the student at --out, and the resumable state beside it. get_state_dict gathers the weights and the
+    AdamW state to rank 0 as plain tensors, the same on one process and from FSDP shards (every rank takes part)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    sd, opt_state = get_state_dict(student.transformer, opt,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save_full(args, model, sd, {**meta, "config": vars(args)})
+    fm.save_state(args.out, meta["step"], {f"full.{k}": v for k, v in sd.items()}, opt_state,
+                  {**meta, "config": vars(args)}, [order_rng], rank, world)
+
+
+def restore_full(student, opt, tensors, opt_state, world):
+    """--full --resume: rank 0 read the checkpoint; it is broadcast and each rank keeps its own shards. (Two calls:
+    set_state_dict would take the other ranks' empty model dict for "optimizer only" and skip the broadcast.)"""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    sd = {k[5:]: v for k, v in tensors.items() if k.startswith("full.")}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(student.transformer, sd, options=options)
+    set_optimizer_state_dict(student.transformer, opt, opt_state if sd else {}, options=options)
+
+
+def save_full(args, model, sd, meta):
+    """The full student (a state dict) at --out: a mini checkpoint (eval.py reads it like a base), or for SD3 a
+    diffusers transformer folder, written beside it and renamed."""
     if model.kind == "mini":
-        fm.save_model(model, args.out, {"flow_opd": json.dumps({**meta, "config": vars(args)})}, transformer_state=sd)
-    else:
-        from diffusers import SD3Transformer2DModel
-        t = SD3Transformer2DModel.from_config(model.transformer.config)
-        t.load_state_dict(sd)
-        tmp = args.out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        t.save_pretrained(tmp)
-        shutil.rmtree(args.out, ignore_errors=True)
-        os.replace(tmp, args.out)
+        fm.save_model(model, args.out, {"flow_opd": json.dumps(meta)}, transformer_state=sd)
+        return
+    from diffusers import SD3Transformer2DModel
+    t = SD3Transformer2DModel.from_config(model.transformer.config)
+    t.load_state_dict(sd)
+    tmp = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t.save_pretrained(tmp)
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp, args.out)
 
 
 def main(argv=None):
@@ -285,8 +301,13 @@ def main(argv=None):
     meta = {"role": "student", "full": args.full, "tasks": tasks, "teachers": teacher_set, "init": args.init,
             "base_path": args.model, "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
     check_teacher_set(args, meta)
-    start = grpo.resume(args, params, opt, stream, order_rng, rank, world,
-                        {"base_hash": base_hash}, may_change=("teachers", "anchor"))  # checked by content above
+    start, state, opt_state = grpo.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
+                                          may_change=("teachers", "anchor"),  # checked by content above
+                                          read_tensors=rank == 0 or not args.full)
+    if start and args.full:
+        restore_full(student, opt, state, opt_state, world)
+    elif start:
+        grpo.restore_lora(params, opt, state, opt_state)
     log = grpo.open_log(args, rank)
 
     bad = bad_total = 0
@@ -381,14 +402,13 @@ def main(argv=None):
         stop = fm.stop_requested(world, device)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             if args.full:
-                save_full(args, model, student, {**meta, "step": step + 1}, rank, world)
+                checkpoint_full(args, model, student, opt, {**meta, "step": step + 1}, order_rng, rank, world)
             else:
                 grpo.checkpoint(args, model, "student", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
         if stop:
             break
     if rank == 0:
-        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; " + ("the student so far is at --out" if args.full
-              else "--resume continues") if stop else f"saved {args.out}")
+        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -417,9 +437,6 @@ def check_args(args, world):
     grpo.check_common_args(args, world)
     if args.beta < 0:
         raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
-    if args.full and args.resume:
-        raise fm.BadInput("--resume does not cover --full yet (its checkpoint is the student alone, no optimizer "
-                          "state); start over, or train a LoRA student")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
         raise fm.BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
     fm.check_writable(args.out)

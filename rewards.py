@@ -282,12 +282,23 @@ def clip_pickscore(path, processor=None, device="cpu"):
 
 
 def ocr_engine(name):
-    """Flow-GRPO's OCR reward with a real engine: 1 - edit distance / len(target), target = the prompt's quoted text."""
+    """Flow-GRPO's OCR reward with a real engine: 1 - edit distance / len(target), target = the prompt's quoted text,
+    spaces dropped and lower-cased on both sides. PaddleOCR 2.x (Flow-GRPO pins 2.9.1) or 3.x, whose API changed."""
     try:
-        from paddleocr import PaddleOCR
+        import paddleocr
     except ImportError:
         raise mw.BadInput(f"--ocr_engine {name} needs the optional extra: pip install paddleocr paddlepaddle") from None
-    engine = PaddleOCR(use_angle_cls=False, lang="en", show_log=False)
+    if int(paddleocr.__version__.split(".")[0]) >= 3:
+        engine = paddleocr.PaddleOCR(use_doc_orientation_classify=False, use_doc_unwarping=False,
+                                     use_textline_orientation=False, lang="en")
+
+        def read(arr):
+            return "".join(t for res in engine.predict(arr) for t in res["rec_texts"])
+    else:
+        engine = paddleocr.PaddleOCR(use_angle_cls=False, lang="en", show_log=False)
+
+        def read(arr):  # [[box, (text, confidence)], ...] per image, None when nothing was found
+            return "".join(w[1][0] for line in engine.ocr(arr, cls=False) or [] for w in line or [])
 
     def score(images, prompts):
         out = []
@@ -296,10 +307,8 @@ def ocr_engine(name):
             if not m:
                 out.append(float("nan"))
                 continue
-            lines = engine.ocr(to_uint8(img), cls=False)
-            text = "".join(w[1][0] for line in lines or [] for w in line or [])
-            target = m.group(1).replace(" ", "").lower()
-            out.append(max(0.0, 1 - edit_distance(text.replace(" ", "").lower(), target) / len(target)))
+            text, target = read(to_uint8(img)).replace(" ", "").lower(), m.group(1).replace(" ", "").lower()
+            out.append(max(0.0, 1 - edit_distance(text, target) / len(target)))
         return torch.tensor(out)
     return score
 

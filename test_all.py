@@ -481,6 +481,49 @@ def test_reward_server_protocol_and_failures():
         print(f"    {what}: {time.time() - t0:.2f}s -> {msg[:110]}")
 
 
+def test_ocr_engine_both_paddleocr_apis_and_missing_extra():
+    """--ocr_engine paddleocr against stand-in modules of both APIs (2.x: ocr(img, cls=False); 3.x: predict(img)):
+    Flow-GRPO's 1 - edit distance / len of the quoted text, spaces dropped, case folded; NaN without a quote; the
+    extra missing is one clear error."""
+    import types
+    seen = {}
+
+    class Engine:
+        def __init__(self, **kw):
+            seen["kw"] = kw
+
+        def ocr(self, arr, cls=True):  # 2.x: per image a list of [box, (text, confidence)], or None
+            seen["shape"] = arr.shape
+            return [[[None, ("Flow", 0.9)], [None, ("0PD", 0.8)]]]
+
+        def predict(self, arr):  # 3.x: results with rec_texts
+            seen["shape"] = arr.shape
+            return [{"rec_texts": ["Flow", "0PD"]}]
+
+    imgs = torch.rand(3, 3, 16, 16)
+    prompts = ['a sign that says "flow opd"', "no text here", 'the text "Flowx"']
+    want = [1 - 1 / 7, float("nan"), 1 - 3 / 5]  # "flow0pd" -> "flowopd": 1 edit; -> "flowx": 0->x, drop p, d
+    saved = sys.modules.get("paddleocr")
+    try:
+        for version, kw in (("2.9.1", "show_log"), ("3.7.0", "use_textline_orientation")):
+            sys.modules["paddleocr"] = types.SimpleNamespace(__version__=version, PaddleOCR=Engine)
+            got = rewards.ocr_engine("paddleocr")(imgs, prompts)
+            assert kw in seen["kw"] and seen["shape"] == (16, 16, 3), (version, seen)
+            close(got[[0, 2]], torch.tensor([want[0], want[2]]), 1e-6, f"paddleocr {version}")
+            assert got[1].isnan()
+        sys.modules["paddleocr"] = None  # what an absent package looks like to import
+        try:
+            rewards.ocr_engine("paddleocr")
+            raise AssertionError("no error without the extra")
+        except rewards.mw.BadInput as e:
+            assert "pip install paddleocr" in str(e)
+    finally:
+        if saved is None:
+            sys.modules.pop("paddleocr", None)
+        else:
+            sys.modules["paddleocr"] = saved
+
+
 def test_pickscore_clip_backend_equals_clip_logits():
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     tiny_sd3_pipeline()  # writes the tiny CLIP vocabulary
@@ -753,7 +796,8 @@ def test_opd_two_process_update_and_routing_errors():
 
 def test_opd_full_student_fsdp():
     """--full: the merge cold start folded into dense weights equals the merged LoRA; two steps under 2-process
-    torchrun with FSDP give the same student as one process."""
+    torchrun with FSDP give the same student as one process; one step then --resume gives the two-step student
+    bitwise, on one process and from FSDP shards."""
     import opd_student as opd
     import merge
     base, paths = _opd_setup()
@@ -783,6 +827,20 @@ def test_opd_full_student_fsdp():
     print(f"    full student moved up to {moved:.3g} from the base; 1 vs 2 processes (FSDP) differ by {diff:.3g}")
     assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100)
     assert json.loads(safe_meta(outs[0])["flow_opd"])["full"] is True
+    # resume: stop after step 1 (its checkpoint holds the weights and AdamW state), go on to step 2
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    i = common.index("--steps")
+    without_steps = common[:i] + common[i + 2:]
+    for launcher, ref in (([sys.executable], outs[0]), (torchrun, outs[1])):
+        cut = ref.replace(".safetensors", "_cut.safetensors")
+        for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
+            p = subprocess.run([*launcher, "opd_student.py", *without_steps, *extra, "--out", cut,
+                                "--log_file", cut + ".jsonl"], cwd=HERE, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stderr[-2000:]
+        assert "resumed" in p.stdout
+        a, b = fm.load_model(ref).transformer.state_dict(), fm.load_model(cut).transformer.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{len(launcher)} launcher: resumed student differs"
+    print("    --full: 1 step + --resume equals 2 steps bitwise, on 1 process and under 2-process FSDP")
 
 
 def safe_meta(path):
@@ -1016,8 +1074,8 @@ CATALOGUE = [  # name, the command ({I}: the inputs folder), what the one line m
     ("no_teacher_at_all", ["opd_student.py", "--teachers", "{I}/base.safetensors"], "no teachers among"),
     ("only_the_anchor_teacher", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
                                  "deqa={I}/ocr.safetensors"], "no task to distil"),
-    ("full_with_resume", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
-                          "--full", "--resume"], "--resume does not cover --full"),
+    ("full_resume_without_checkpoint", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers",
+                                        "{I}/geneval.safetensors", "--full", "--resume"], "--resume: no checkpoint"),
     ("missing_anchor", ["opd_student.py", "--model", "{I}/base.safetensors", "--teachers", "{I}/geneval.safetensors",
                         "--anchor", "{I}/nope.safetensors"], "anchor"),
     ("zero_group", ["grpo_teacher.py", "--group", "0"], "--group must be >= 1"),
