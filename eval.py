@@ -112,7 +112,31 @@ def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=
                 shown += [p["prompt"] for p in chunk[:8]]
         vals = torch.cat(vals)
         scores[task] = (vals == 1).float().tolist() if task == "geneval" else vals.tolist()  # GenEval is strict
+        if task == "geneval":
+            scores["geneval_category"] = [p.get("tag") or mw.geneval_category(p["prompt"]) for p in prompts]
     return scores, torch.cat(images), shown
+
+
+def by_category(scores):
+    """GenEval's strict accuracy in each of its categories (where the prompts have one): {category: (mean, n)}."""
+    out = {}
+    for ok, cat in zip(scores["geneval"], scores["geneval_category"]):
+        if cat is not None:
+            out.setdefault(cat, []).append(ok)
+    return {cat: (sum(v) / len(v), len(v)) for cat, v in out.items()}
+
+
+def category_markdown(raw):
+    """A second table: GenEval per category, a row per checkpoint ("" when no prompt has a category)."""
+    per_row = {name: by_category(scores) for name, scores in raw.items()}
+    cats = list(dict.fromkeys(c for got in per_row.values() for c in got))
+    if not cats:
+        return ""
+    n = {c: next(got[c][1] for got in per_row.values() if c in got) for c in cats}
+    lines = ["| GenEval by category | " + " | ".join(f"{c} (n={n[c]})" for c in cats) + " |", "|---|" + "---|" * len(cats)]
+    lines += [f"| {name} | " + " | ".join(f"{got[c][0]:.3f}" if c in got else "-" for c in cats) + " |"
+              for name, got in per_row.items()]
+    return "\n".join(lines)
 
 
 def summarise(scores):
@@ -172,6 +196,8 @@ def main(argv=None):
         rows[name], raw[name], pictures[name] = summarise(scores), scores, images
         print(markdown({name: rows[name]}).splitlines()[-1], flush=True)
     table = markdown(rows)
+    cats = category_markdown(raw)
+    table += "\n\n" + cats if cats else ""
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
     for name, images in pictures.items():

@@ -75,6 +75,11 @@ def geneval_categories():
     }
 
 
+def geneval_category(prompt):
+    """The GenEval category of one of the grammar's composition prompts (None for any other prompt)."""
+    return next((cat for cat, ps in geneval_categories().items() if prompt in ps), None)
+
+
 def all_prompts(task):
     """Every prompt string of a task (the grammar is finite, so the hold-out is exact)."""
     if task == "geneval":
@@ -163,7 +168,8 @@ def read_prompt_file(spec):
         except (ValueError, KeyError, AssertionError, TypeError):
             want = '{"prompt": str}' if task else f'{{"prompt": str, "task": one of {list(TASKS)}}}'
             raise BadInput(f"{path}:{i}: expected a JSON line {want} (or give TASK=PATH)") from None
-        out.append({"prompt": rec["prompt"], "task": task or rec["task"]})
+        out.append({"prompt": rec["prompt"], "task": task or rec["task"],
+                    **({"tag": rec["tag"]} if isinstance(rec.get("tag"), str) else {})})  # GenEval's category
     if not out:
         raise BadInput(f"{path}: the prompt file is empty")
     return out

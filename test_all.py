@@ -280,6 +280,25 @@ def test_heldout_prompts_never_trained():
             assert mw.parse(p)["task"] == {"pickscore": "general", "deqa": "general"}.get(task, task)
 
 
+def test_geneval_by_category():
+    """Every held-out composition prompt knows its GenEval category; eval.py's per-category accuracy is the plain mean
+    of strict scores within each category, and a prompt file's GenEval `tag` is kept."""
+    import eval as ev
+    cats = mw.geneval_categories()
+    for p in mw.eval_prompts("geneval", 60):
+        assert p["prompt"] in cats[mw.geneval_category(p["prompt"])]
+    assert mw.geneval_category("three triangles") == "counting" and mw.geneval_category('the text "4"') is None
+    scores = {"geneval": [1.0, 0.0, 1.0, 1.0, 0.0], "geneval_category": ["counting", "counting", "colors", None, "counting"]}
+    assert ev.by_category(scores) == {"counting": (1 / 3, 3), "colors": (1.0, 1)}
+    table = ev.category_markdown({"a": scores})
+    assert "counting (n=3)" in table and "| a | 0.333 | 1.000 |" in table, table
+    path = os.path.join(TMP, "geneval_meta.jsonl")
+    with open(path, "w") as f:
+        f.write(json.dumps({"tag": "position", "include": [], "prompt": "a photo of a cat left of a dog"}) + "\n")
+    assert mw.read_prompt_file("geneval=" + path) == [{"prompt": "a photo of a cat left of a dog", "task": "geneval",
+                                                       "tag": "position"}]
+
+
 def test_table2_avg_formula():
     import eval as ev
     paper = {"SD-3.5-M": (0.63, 0.59, 4.07, 21.64, 0.7166), "Flow-OPD (Merge)": (0.92, 0.94, 4.35, 23.08, 0.9044),
