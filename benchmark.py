@@ -22,9 +22,12 @@ from diffusers import SD3Transformer2DModel
 
 import flow_matching as fm
 import grpo_teacher as grpo
+import lora
 import mar
 import opd_student as opd
+import runs
 import sde_sampler as sampler
+from runs import BadInput
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
@@ -79,7 +82,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
-        raise fm.BadInput("the benchmark measures SD3.5-Medium on a CUDA GPU and none is visible; --tiny runs it on CPU")
+        raise BadInput("the benchmark measures SD3.5-Medium on a CUDA GPU and none is visible; --tiny runs it on CPU")
     device = torch.device("cuda" if cuda else "cpu")
     if args.tiny:
         args.batch, args.resolution, args.rank, args.alpha, args.repeats = 2, 64, 2, 4, 1
@@ -106,12 +109,12 @@ def main(argv=None):
 
     # three teachers and the anchor as LoRA adapters (random B, so they are not no-ops), the student as one more
     for name in [f"teacher:{t}" for t in TASKS] + ["anchor", "student"]:
-        fm.add_lora(transformer, name, args.rank, args.alpha)
+        lora.add_lora(transformer, name, args.rank, args.alpha)
         with torch.no_grad():
-            for p in fm.adapter_params(transformer, name)[1::2]:
+            for p in lora.adapter_params(transformer, name)[1::2]:
                 p.normal_(0, 1e-3)
     lora_mem = (memory(device) or model_bytes(transformer)) - base_mem
-    params = fm.adapter_params(transformer, "student")
+    params = lora.adapter_params(transformer, "student")
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -120,7 +123,7 @@ def main(argv=None):
     groups = {t: list(range(k, B, len(TASKS))) for k, t in enumerate(TASKS) if k < B}  # Eq. 7: one teacher each
 
     def rollout():
-        fm.set_adapter(transformer, "student")
+        lora.set_adapter(transformer, "student")
         with torch.no_grad():
             return sampler.sample(model, enc, T, args.guidance, 0.7, sde, resolution=args.resolution)
 
@@ -131,13 +134,13 @@ def main(argv=None):
         for t in sde:
             with torch.no_grad():
                 targets = frozen(states[:, t], sigmas, t)
-            fm.set_adapter(transformer, "student")
+            lora.set_adapter(transformer, "student")
             _, lp, mu, std = grpo.policy_step(model, states, sigmas, t, enc, run)
             loss(traj, t, lp, mu, std, targets).backward()
         opt.step()
 
     def mean_of(adapter, x, sigmas, t):
-        fm.set_adapter(transformer, adapter)
+        lora.set_adapter(transformer, adapter)
         return sampler.gaussian_step(x, fm.velocity(model, x, float(sigmas[t]), enc, args.guidance), sigmas, t, 0.7)[0]
 
     def grpo_iteration():  # Eq. 11 with group advantages, plus Flow-GRPO's KL to the frozen base (no adapter)
@@ -177,4 +180,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    fm.run(main)
+    runs.run(main)

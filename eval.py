@@ -18,26 +18,14 @@ import torch
 from PIL import Image, ImageDraw
 
 import flow_matching as fm
+import lora
 import miniworld as mw
 import rewards
+import runs
 import sde_sampler as sampler
+from runs import BadInput
 
 COLUMNS = [("GenEval", "geneval"), ("OCR Acc.", "ocr"), ("DeQA", "deqa"), ("PickScore", "pickscore")]
-
-
-def grid(images, captions, cols=8, scale=4):
-    """Images (B, 3, H, W) in [0, 1] with each caption under its image, as one PIL image."""
-    B, _, H, W = images.shape
-    w, cap = W * scale, 40
-    rows = math.ceil(B / cols)
-    canvas = Image.new("RGB", (cols * w, rows * (w + cap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    arr = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
-    for i in range(B):
-        x, y = (i % cols) * w, (i // cols) * (w + cap)
-        canvas.paste(Image.fromarray(arr[i]).resize((w, w), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 2, y + w + 1), "\n".join(textwrap.wrap(captions[i], 24)[:3]), fill="black")
-    return canvas
 
 
 def comparison(images_by_row, prompts, per_task=3, scale=3):
@@ -66,16 +54,16 @@ def load_row(path, model_path=None, device="cpu", dtype=torch.float32):
             with safe_open(path, "pt") as f:
                 fmt = (f.metadata() or {}).get("format")
         except Exception:
-            raise fm.BadInput(f"{path} is not a readable safetensors file; it may be truncated") from None
+            raise BadInput(f"{path} is not a readable safetensors file; it may be truncated") from None
         if fmt == "flow-opd-lora":
-            meta = fm.read_lora(path)[3]
+            meta = lora.read_lora(path)[3]
             base = model_path or meta.get("base_path")
             model = fm.load_model(base, device, dtype)
             if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
-                raise fm.BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
+                raise BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
                                   f"{fm.fingerprint(model)}); give the right --model")
-            fm.load_lora(path, model.transformer, "row")
-            fm.set_adapter(model.transformer, "row")
+            lora.load_lora(path, model.transformer, "row")
+            lora.set_adapter(model.transformer, "row")
             return model
     if model_path and os.path.isfile(os.path.join(path, "config.json")):  # a full SD3 student (opd_student --full)
         from diffusers import SD3Transformer2DModel
@@ -85,8 +73,8 @@ def load_row(path, model_path=None, device="cpu", dtype=torch.float32):
         return model
     if model_path and os.path.isdir(path):  # a peft adapter directory on --model
         model = fm.load_model(model_path, device, dtype)
-        fm.load_lora(path, model.transformer, "row")
-        fm.set_adapter(model.transformer, "row")
+        lora.load_lora(path, model.transformer, "row")
+        lora.set_adapter(model.transformer, "row")
         return model
     return fm.load_model(path, device, dtype)
 
@@ -177,9 +165,9 @@ def main(argv=None):
     rewards.add_args(ap)
     args = ap.parse_args(argv)
     if args.n < 2:
-        raise fm.BadInput(f"--n must be >= 2 prompts per task, got {args.n}")
+        raise BadInput(f"--n must be >= 2 prompts per task, got {args.n}")
     sampler.check_sampling_args(args.steps, args.guidance, 0.0)
-    fm.check_writable(os.path.join(args.out, "table.md"))
+    runs.check_writable(os.path.join(args.out, "table.md"))
     by_task = {}
     for spec in args.prompt_file or []:
         for p in mw.read_prompt_file(spec):
@@ -201,7 +189,7 @@ def main(argv=None):
     print("\n" + table)
     os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
     for name, images in pictures.items():
-        grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
+        sampler.grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:
@@ -211,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    fm.run(main)
+    runs.run(main)

@@ -1,4 +1,4 @@
-"""The model every other file uses, LoRA adapters, and flow matching (Eq. 1).
+"""The model every other file uses, and flow matching (Eq. 1).
 
 Two backends behind the same few functions (encode_prompts, velocity, to_images):
   mini : diffusers' SD3Transformer2DModel in pixel space on 32x32 RGB (no VAE) with a small learned text encoder
@@ -13,33 +13,23 @@ import hashlib
 import json
 import math
 import os
-import re
 import random
-import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import miniworld as mw
-from miniworld import BadInput
+import runs
+from runs import BadInput
 
 MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
                    pooled_projection_dim=128, pos_embed_max_size=8)
 MAX_TOKENS = 10
-# Flow-GRPO's LoRA targets (peft names): the attention's image and text projections, in every attention module
-# (SD3.5's dual-attention blocks have a second one, attn2)
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class MiniTextEncoder(nn.Module):
@@ -131,6 +121,15 @@ def load_model(source, device="cpu", dtype=torch.float32):
     return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config))
 
 
+def load_base(args, device):
+    """The frozen base of a training run: --model in --precision (SD3 on CUDA: bf16 weights; LoRA and the SDE math
+    stay float32), with --grad_ckpt."""
+    model = load_model(args.model, device, dtype_for(args.precision, device))
+    if args.grad_ckpt:
+        model.transformer.enable_gradient_checkpointing()
+    return model
+
+
 def dtype_for(precision, device):
     """--precision: bf16, fp32, or auto (bf16 for SD3 on CUDA; the mini model is always float32)."""
     bf16 = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
@@ -144,17 +143,7 @@ def save_model(model, path, meta=None, transformer_state=None):
     sd.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
     sd = {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
     meta = {"format": "flow-opd-mini", "config": json.dumps(model.config), **(meta or {})}
-    atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
-
-
-def atomic_save(tensors, path, metadata):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared checkpoint should follow the umask
-    os.replace(tmp, path)  # never a half-written file over a good one
+    runs.atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
 
 
 def fingerprint(model):
@@ -248,305 +237,6 @@ def flow_matching_loss(model, x0, enc, sigma=None, noise=None):
     return ((v - (noise - x0)) ** 2).mean((1, 2, 3))
 
 
-# ----------------------------------------------------------------------------------------------- LoRA
-class LoRALinear(nn.Module):
-    """A frozen Linear plus named low-rank adapters; y = W x + (alpha / r) B A x for the active adapter."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.scaling, self.active = {}, None
-
-    def add(self, name, rank, alpha):
-        self.lora_A[name] = nn.Linear(self.base.in_features, rank, bias=False,
-                                      device=self.base.weight.device, dtype=torch.float32)
-        self.lora_B[name] = nn.Linear(rank, self.base.out_features, bias=False,
-                                      device=self.base.weight.device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # peft's init: B = 0, so a no-op at start
-        nn.init.zeros_(self.lora_B[name].weight)
-        self.scaling[name] = alpha / rank
-
-    def delta(self, name):
-        """The dense weight update (alpha / r) B A of one adapter: (out, in)."""
-        return self.scaling[name] * self.lora_B[name].weight @ self.lora_A[name].weight
-
-    def forward(self, x):
-        y = self.base(x)
-        if self.active is None:
-            return y
-        a = self.active
-        return y + (self.lora_B[a](self.lora_A[a](x.float())) * self.scaling[a]).to(y.dtype)
-
-
-def lora_layers(transformer):
-    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoRALinear)}
-
-
-def add_lora(transformer, name, rank=32, alpha=64, targets=LORA_TARGETS):
-    """Add a named adapter on every target projection (wrapping the Linear the first time)."""
-    if rank < 1 or alpha <= 0:
-        raise BadInput(f"LoRA rank must be >= 1 and alpha > 0, got rank={rank}, alpha={alpha}")
-    for path, module in list(transformer.named_modules()):
-        if isinstance(module, nn.Linear) and any(path == t or path.endswith("." + t) for t in targets) \
-                and ".base" not in path:
-            parent, _, child = path.rpartition(".")
-            setattr(transformer.get_submodule(parent), child, LoRALinear(module))
-    for layer in lora_layers(transformer).values():
-        if name in layer.lora_A:
-            raise BadInput(f"an adapter named {name!r} is already loaded")
-        layer.add(name, rank, alpha)
-
-
-def set_adapter(transformer, name):
-    """Make one adapter active (None: the bare base model)."""
-    for layer in lora_layers(transformer).values():
-        layer.active = name
-
-
-def adapter_params(transformer, name):
-    return [p for l in lora_layers(transformer).values() for p in (l.lora_A[name].weight, l.lora_B[name].weight)]
-
-
-def lora_pairs(transformer, name):
-    """{module path: (A (r, in), B (out, r))} of one adapter, detached float32 on the CPU."""
-    return {path: (layer.lora_A[name].weight.detach().float().cpu(), layer.lora_B[name].weight.detach().float().cpu())
-            for path, layer in lora_layers(transformer).items() if name in layer.lora_A}
-
-
-def write_lora(path, pairs, rank, alpha, meta):
-    """Save factor pairs as safetensors with peft / diffusers key names (transformer.<module>.lora_A.weight), which
-    diffusers' pipe.load_lora_weights reads, alpha where diffusers looks for it, and our metadata as JSON."""
-    sd = {}
-    for mod, (A, B) in pairs.items():
-        sd[f"transformer.{mod}.lora_A.weight"] = A.contiguous()
-        sd[f"transformer.{mod}.lora_B.weight"] = B.contiguous()
-    targets = sorted({re.sub(r"^.*\.attn2?\.", "", m) for m in pairs})
-    adapter = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
-    atomic_save(sd, path, {"format": "flow-opd-lora", "flow_opd": json.dumps(meta),
-                           "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()})})
-
-
-def save_lora(path, transformer, name, meta):
-    layer = next(l for l in lora_layers(transformer).values() if name in l.lora_A)
-    rank = layer.lora_A[name].weight.shape[0]
-    write_lora(path, lora_pairs(transformer, name), rank, layer.scaling[name] * rank, meta)
-
-
-def read_lora(path):
-    """A LoRA from our .safetensors or a peft directory (adapter_model.safetensors + adapter_config.json).
-    Returns ({module path: (A, B)}, rank, alpha, our metadata dict or {})."""
-    if os.path.isdir(path):
-        cfg_path, path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
-        if not (os.path.isfile(cfg_path) and os.path.isfile(path)):
-            raise BadInput(f"{os.path.dirname(path)} is not a peft adapter (needs adapter_config.json and adapter_model.safetensors)")
-        cfg = json.load(open(cfg_path))
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            raise BadInput(f"{cfg_path}: per-module rank_pattern / alpha_pattern are not supported")
-        rank, alpha, meta = cfg["r"], cfg["lora_alpha"], {}
-    elif not os.path.isfile(path):
-        raise BadInput(f"LoRA {path} does not exist; train one with grpo_teacher.py or give a peft adapter directory")
-    else:
-        rank = alpha = None
-        meta = {}
-    try:
-        with safe_open(path, "pt") as f:
-            m = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable safetensors file ({type(e).__name__}); it may be truncated") from None
-    if rank is None:
-        if "lora_adapter_metadata" not in m:
-            raise BadInput(f"{path} is not a LoRA adapter (no lora_adapter_metadata); a base model goes to --model")
-        adapter = json.loads(m["lora_adapter_metadata"])
-        rank, alpha = adapter["transformer.r"], adapter["transformer.lora_alpha"]
-        meta = json.loads(m.get("flow_opd", "{}"))
-    pairs = {}
-    for k, v in tensors.items():
-        for prefix in ("base_model.model.", "transformer."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        if k.endswith(".lora_A.weight") or k.endswith(".lora_A.default.weight"):
-            mod = k.split(".lora_A")[0]
-            pairs.setdefault(mod, [None, None])[0] = v
-        elif k.endswith(".lora_B.weight") or k.endswith(".lora_B.default.weight"):
-            mod = k.split(".lora_B")[0]
-            pairs.setdefault(mod, [None, None])[1] = v
-    if not pairs or any(a is None or b is None for a, b in pairs.values()):
-        raise BadInput(f"{path} holds no complete lora_A / lora_B pairs")
-    return {k: tuple(v) for k, v in pairs.items()}, rank, alpha, meta
-
-
-def fetch_adapter(path):
-    """A local LoRA file or peft dir, or a hub id (owner/name, e.g. jieliu/SD3.5M-FlowGRPO-Text) fetched with
-    huggingface_hub (a diffusers dependency). Returns a local path."""
-    if os.path.exists(path) or path.endswith(".safetensors") or path.count("/") != 1:
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-        local = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as e:
-        raise BadInput(f"{path} is neither a local path nor a downloadable hub adapter ({type(e).__name__}); "
-                       "download it and give the directory") from None
-    found = [r for r, _, files in os.walk(local) if "adapter_config.json" in files]
-    return found[0] if len(found) == 1 else local
-
-
-def load_lora(path, transformer, name):
-    """Read a LoRA file or peft directory into a new named adapter. Returns our metadata (or {})."""
-    pairs, rank, alpha, meta = read_lora(path)
-    add_lora_pairs(transformer, name, pairs, rank, alpha, source=path)
-    return meta
-
-
-def add_lora_pairs(transformer, name, pairs, rank, alpha, source="adapter"):
-    """A new adapter holding the given factors {module: (A, B)}; modules it does not name get a zero delta."""
-    add_lora(transformer, name, rank, alpha, targets=tuple(pairs))
-    layers = lora_layers(transformer)
-    for mod, (A, B) in pairs.items():
-        if mod not in layers:
-            raise BadInput(f"{source}: the model has no module {mod}; the adapter was made for another architecture")
-        layer = layers[mod]
-        if A.shape != layer.lora_A[name].weight.shape or B.shape != layer.lora_B[name].weight.shape:
-            raise BadInput(f"{source}: {mod} has shape A{tuple(A.shape)} B{tuple(B.shape)}, the model wants "
-                           f"A{tuple(layer.lora_A[name].weight.shape)} B{tuple(layer.lora_B[name].weight.shape)}")
-        layer.lora_A[name].weight.data.copy_(A)
-        layer.lora_B[name].weight.data.copy_(B)
-    for mod, layer in layers.items():
-        if mod not in pairs and name in layer.lora_B:
-            layer.lora_B[name].weight.data.zero_()
-
-
-# ----------------------------------------------------------------------------------------------- runs survive
-# A run writing OUT keeps one resumable checkpoint in a hidden folder beside it (shell globs skip it):
-#   .OUT.resume/step_00000050/state.safetensors   weights, optimizer, step, data position (rank 0; JSON metadata)
-#                             rng_rank<r>.json    every RNG state of process r
-# written as .step_*.tmp and renamed once complete, so a crash never leaves a half checkpoint over a good one.
-class Diverged(RuntimeError):
-    """K updates in a row had a NaN / inf loss or gradient."""
-
-
-STOP = {}  # the signal that asked this process to stop
-
-
-def catch_signals():
-    """SIGINT / SIGTERM ask the loop to checkpoint at the end of its step and exit 0; a second one kills."""
-    def handler(signum, frame):
-        STOP["signal"] = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler)
-
-
-def stop_requested(world, device="cpu"):
-    """Did any rank get a signal? Every rank must agree, or the collective ops of the next step hang."""
-    flag = torch.tensor([float("signal" in STOP)], device=device)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def state_dir(out):
-    d, name = os.path.split(os.path.abspath(out))
-    return os.path.join(d, f".{name.rsplit('.', 1)[0]}.resume")
-
-
-def rng_states(*loop_rngs):
-    """Every RNG this process draws from, as JSON: torch (CPU, CUDA), numpy, python and the loop's own Randoms."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": random.getstate(), "loop": [r.getstate() for r in loop_rngs]}
-
-
-def set_rng_states(st, *loop_rngs):
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    if st["cuda"]:
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
-    np.random.set_state((st["numpy"][0], np.array(st["numpy"][1], dtype=np.uint32), *st["numpy"][2:]))
-    for r, s in zip([random, *loop_rngs], [st["python"], *st["loop"]]):
-        r.setstate((s[0], tuple(s[1]), s[2]))
-
-
-def save_state(out, step, tensors, opt_state, meta, loop_rngs=(), rank=0, world=1):
-    """One resumable checkpoint of `step` (every rank calls it), replacing the previous one only once complete.
-    opt_state: the optimizer's state dict as rank 0 holds it (`opt.state_dict()`, or FSDP's gathered one)."""
-    root = state_dir(out)
-    tmp, final = os.path.join(root, f".step_{step:08d}.tmp"), os.path.join(root, f"step_{step:08d}")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier(world)
-    with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
-        json.dump(rng_states(*loop_rngs), f)
-    barrier(world)
-    if rank == 0:
-        sd = opt_state  # AdamW: {"state": {i or name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
-        tensors = {**tensors, **{f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
-        meta = {**meta, "step": step, "world": world, "param_groups": sd["param_groups"]}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"),
-                  metadata={"flow_opd_state": json.dumps(meta)})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for d in os.listdir(root):
-            if d.startswith("step_") and d != os.path.basename(final):
-                shutil.rmtree(os.path.join(root, d))
-    barrier(world)
-
-
-def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_tensors=True):
-    """The latest checkpoint of the run writing `out`: restores every RNG, returns (tensors, meta, optimizer state
-    dict). Refuses other flags than the run's (except those that may change: --steps, logging) and another world
-    size. read_tensors=False reads the metadata alone (FSDP: rank 0 reads the weights and broadcasts them)."""
-    root = state_dir(out)
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
-    if not steps:
-        raise BadInput(f"--resume: no checkpoint of {out} in {root}; run without --resume to start from scratch")
-    path = os.path.join(root, steps[-1])
-    try:
-        with safe_open(os.path.join(path, "state.safetensors"), "pt") as f:
-            meta = json.loads(f.metadata()["flow_opd_state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}
-        rng = json.load(open(os.path.join(path, f"rng_rank{rank}.json")))
-    except Exception as e:
-        raise BadInput(f"--resume: {path} is damaged ({type(e).__name__}); delete it to start from scratch") from None
-    if meta["world"] != world:
-        raise BadInput(f"--resume: {path} was written by {meta['world']} process(es), this run has {world}; "
-                       f"resume with --nproc_per_node={meta['world']}")
-    may_change = {"steps", "resume", "save_every", "log_every", "log_file", "threads", "max_bad_steps", *may_change}
-    now = json.loads(json.dumps(config))
-    changed = [f"--{k} was {meta['config'].get(k)!r}, now {v!r}" for k, v in now.items()
-               if k not in may_change and meta["config"].get(k) != v]
-    if changed:
-        raise BadInput(f"--resume with other flags than the run's: {'; '.join(changed)}; resume with the same flags "
-                       "or drop --resume to start over")
-    state = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            i, name = k[4:].rsplit(".", 1)  # a parameter's index, or its name (FSDP's full state dict)
-            state.setdefault(int(i) if i.isdigit() else i, {})[name] = v
-    set_rng_states(rng, *loop_rngs)
-    return tensors, meta, {"state": state, "param_groups": meta["param_groups"]}
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def finite_or_skip(ok, bad, step, max_bad, out):
-    """NaN guard: count a skipped update; K in a row stop the run, leaving the last checkpoint as it was."""
-    if ok:
-        return 0
-    bad += 1
-    tqdm.write(f"step {step + 1}: NaN or inf loss / gradient, update skipped ({bad} in a row)")
-    if bad >= max_bad:
-        raise Diverged(f"{bad} updates in a row had a NaN or inf loss or gradient (step {step + 1}); the last good "
-                       f"checkpoint of {out} is intact: lower --lr or check the rewards, then --resume")
-    return bad
-
-
 # ----------------------------------------------------------------------------------------------- pretraining
 def lr_at(step, steps, lr, warmup=200):
     return lr * min(1, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -572,8 +262,8 @@ def main(argv=None):
                        "0 <= --cfg_drop < 1, 0 <= --ema < 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_writable(args.out)
-    catch_signals()
+    runs.check_writable(args.out)
+    runs.catch_signals()
 
     model = new_mini_model(args.seed)
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
@@ -582,7 +272,7 @@ def main(argv=None):
     prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed), random.Random(args.seed)
     start = 0
     if args.resume:
-        tensors, meta, opt_state = load_state(args.out, vars(args), loop_rngs=[rng])
+        tensors, meta, opt_state = runs.load_state(args.out, vars(args), loop_rngs=[rng])
         opt.load_state_dict(opt_state)
         with torch.no_grad():
             for i, (p, e) in enumerate(zip(params, ema)):
@@ -606,7 +296,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss.mean().backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        bad = finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(loss).all()), bad, step,
+        bad = runs.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(loss).all()), bad, step,
                              args.max_bad_steps, args.out)
         if not bad:
             opt.step()
@@ -623,12 +313,12 @@ def main(argv=None):
                        f"by sigma [0-.25 .25-.5 .5-.75 .75-1]: {by_bin}  lr {lr_at(step, args.steps, args.lr):.2e}  "
                        f"{time.time() - t0:.0f}s")
             bins[0].zero_(), bins[1].zero_()
-        stop = stop_requested(1)
+        stop = runs.stop_requested(1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             tensors = {**{f"param.{i}": p for i, p in enumerate(params)}, **{f"ema.{i}": e for i, e in enumerate(ema)}}
-            save_state(args.out, step + 1, tensors, opt.state_dict(), {"config": vars(args)}, loop_rngs=[rng])
+            runs.save_state(args.out, step + 1, tensors, opt.state_dict(), {"config": vars(args)}, loop_rngs=[rng])
         if stop:
-            print(f"stopped by {STOP['signal']} after step {step + 1}; `python flow_matching.py --resume` continues")
+            print(f"stopped by {runs.STOP['signal']} after step {step + 1}; `python flow_matching.py --resume` continues")
             return
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -637,25 +327,5 @@ def main(argv=None):
     print(f"saved {args.out} ({time.time() - t0:.0f}s)")
 
 
-def check_writable(path):
-    """Fail before any work if OUT cannot be written; create nothing (folders are made when the file is saved)."""
-    d = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK) or d.startswith("/proc"):
-        raise BadInput(f"cannot write {path} ({d} is not a writable folder); choose another --out")
-
-
-def run(main_fn):
-    """Every script's entry point: bad input is one line on stderr and exit 2, never a traceback; a run that
-    diverged is one line and exit 3."""
-    try:
-        main_fn()
-    except (BadInput, Diverged) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank sees it; say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, BadInput) else 3)
-
-
 if __name__ == "__main__":
-    run(main)
+    runs.run(main)

@@ -12,6 +12,7 @@ Per dimension (like Eq. 6's log-probs), so the official beta = 0.04 carries over
 import torch
 
 import flow_matching as fm
+import lora
 import sde_sampler as sampler
 
 BETA = 0.04  # the official code's weight
@@ -25,10 +26,10 @@ def mar_kl(mu_student, mu_anchor, std):
 @torch.no_grad()
 def anchor_mean(model, anchor, x_t, sigmas, t, enc, guidance, noise_level):
     """mu_A(x_t): the anchor adapter's Gaussian step at the student's state (Eq. 5 with v_A)."""
-    active = next(iter(fm.lora_layers(model.transformer).values())).active
-    fm.set_adapter(model.transformer, anchor)
+    active = next(iter(lora.lora_layers(model.transformer).values())).active
+    lora.set_adapter(model.transformer, anchor)
     v_anchor = fm.velocity(model, x_t, float(sigmas[t]), enc, guidance)
-    fm.set_adapter(model.transformer, active)
+    lora.set_adapter(model.transformer, active)
     return sampler.gaussian_step(x_t, v_anchor, sigmas, t, noise_level)[0]
 
 

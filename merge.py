@@ -15,7 +15,9 @@ import os
 
 import torch
 
-import flow_matching as fm
+import lora
+import runs
+from runs import BadInput
 
 
 def sha256(path):
@@ -51,19 +53,19 @@ def merge_pairs(teachers, weights):
 def merge_files(paths, weights=None):
     """Read teacher LoRAs, check they share one base, merge. Returns (pairs, rank, metadata)."""
     if not paths:
-        raise fm.BadInput("give at least one teacher to merge")
+        raise BadInput("give at least one teacher to merge")
     weights = weights or [1.0 / len(paths)] * len(paths)
     if len(weights) != len(paths):
-        raise fm.BadInput(f"--weights has {len(weights)} numbers for {len(paths)} teachers; give one per teacher")
+        raise BadInput(f"--weights has {len(weights)} numbers for {len(paths)} teachers; give one per teacher")
     teachers, metas = [], []
     for p in paths:
-        pairs, r, alpha, meta = fm.read_lora(p)
+        pairs, r, alpha, meta = lora.read_lora(p)
         teachers.append((pairs, r, alpha))
         metas.append(meta)
     bases = {m.get("base_hash") for m in metas if m.get("base_hash")}
     if len(bases) > 1:
         who = ", ".join(f"{p} ({m.get('base_hash')})" for p, m in zip(paths, metas))
-        raise fm.BadInput(f"teachers were trained on different base models: {who}; merge teachers of one base")
+        raise BadInput(f"teachers were trained on different base models: {who}; merge teachers of one base")
     pairs = merge_pairs(teachers, weights)
     rank = sum(r for _, r, _ in teachers)
     base = next((m for m in metas if m.get("base_hash")), {})
@@ -80,12 +82,12 @@ def main(argv=None):
     ap.add_argument("--weights", type=float, nargs="+", default=None, help="w_k per teacher (default 1/K each)")
     ap.add_argument("--out", default="ckpts/merged.safetensors")
     args = ap.parse_args(argv)
-    fm.check_writable(args.out)
+    runs.check_writable(args.out)
     pairs, rank, meta = merge_files(args.teachers, args.weights)
-    fm.write_lora(args.out, pairs, rank, float(rank), meta)  # alpha = rank: the weights and scales live in B
+    lora.write_lora(args.out, pairs, rank, float(rank), meta)  # alpha = rank: the weights and scales live in B
     print(f"merged {len(args.teachers)} teachers (tasks {meta['tasks']}) into {args.out}: rank {rank}, "
           f"weights {[m['weight'] for m in meta['merged_from']]}")
 
 
 if __name__ == "__main__":
-    fm.run(main)
+    runs.run(main)

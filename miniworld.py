@@ -19,12 +19,9 @@ import random
 import torch
 import torch.nn.functional as F
 
+from runs import BadInput
+
 SIZE = 32
-
-
-class BadInput(ValueError):
-    """A problem with what the user gave us (every script prints it as one line and exits 2)."""
-
 
 TASKS = ("geneval", "ocr", "pickscore", "deqa")
 COLORS = {"red": (0.90, 0.15, 0.15), "green": (0.15, 0.78, 0.20), "blue": (0.20, 0.30, 0.95),
@@ -142,6 +139,21 @@ def train_prompts(tasks=TASKS, seed=0):
     while True:
         for t in tasks:
             yield {"prompt": _pick(pools[t], 0, rng), "task": t}
+
+
+def prompt_stream(prompt_files, tasks, seed):
+    """An endless, seeded stream of training prompts of these tasks: the prompt files' (read and checked now, not at
+    the first step), or the mini world's."""
+    if not prompt_files:
+        return train_prompts(tasks, seed=seed)
+    ps = [p for spec in prompt_files for p in read_prompt_file(spec) if p["task"] in tasks]
+    if not ps:
+        raise BadInput(f"{' '.join(prompt_files)} hold no prompts of task(s) {tasks}")
+
+    def stream(rng=random.Random(seed)):
+        while True:
+            yield rng.choice(ps)
+    return stream()
 
 
 def read_prompt_file(spec):

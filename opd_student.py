@@ -45,10 +45,13 @@ from tqdm import tqdm
 
 import flow_matching as fm
 import grpo_teacher as grpo
+import lora
 import mar
 import merge
 import miniworld as mw
+import runs
 import sde_sampler as sampler
+from runs import BadInput
 
 
 # ----------------------------------------------------------------------------------------------- Eq. 7, 9, 10
@@ -86,13 +89,13 @@ def resolve_teachers(specs):
         label, path = (None, spec)
         if "=" in spec and not os.path.exists(spec):
             label, path = spec.split("=", 1)
-        path = fm.fetch_adapter(path)
+        path = lora.fetch_adapter(path)
         if not os.path.exists(path):
-            raise fm.BadInput(f"teacher {path} does not exist; train one with `python grpo_teacher.py --reward TASK`")
+            raise BadInput(f"teacher {path} does not exist; train one with `python grpo_teacher.py --reward TASK`")
         meta = read_meta(path)
         if meta is None:
             if label:
-                raise fm.BadInput(f"{path} is not a LoRA adapter; a teacher is a grpo_teacher.py output or a peft dir")
+                raise BadInput(f"{path} is not a LoRA adapter; a teacher is a grpo_teacher.py output or a peft dir")
             skipped.append((path, "not a LoRA adapter"))
             continue
         if label is None and meta.get("role") != "teacher":
@@ -101,11 +104,11 @@ def resolve_teachers(specs):
         tasks = [label] if label else meta.get("tasks", [])
         for task in tasks:
             if task in routes:
-                raise fm.BadInput(f"two teachers claim task {task!r}: {routes[task]} and {path}; keep one, or "
+                raise BadInput(f"two teachers claim task {task!r}: {routes[task]} and {path}; keep one, or "
                                   f"route explicitly with {task}=PATH")
             routes[task] = path
     if not routes:
-        raise fm.BadInput(f"no teachers among {specs}; give grpo_teacher.py outputs or LABEL=PATH")
+        raise BadInput(f"no teachers among {specs}; give grpo_teacher.py outputs or LABEL=PATH")
     return routes, skipped
 
 
@@ -114,7 +117,7 @@ def route(prompts, routes):
     groups = {}
     for i, p in enumerate(prompts):
         if p["task"] not in routes:
-            raise fm.BadInput(f"task label {p['task']!r} has no teacher (teachers cover {sorted(routes)}); "
+            raise BadInput(f"task label {p['task']!r} has no teacher (teachers cover {sorted(routes)}); "
                               f"add --teachers {p['task']}=PATH or drop those prompts")
         groups.setdefault(p["task"], []).append(i)
     return groups
@@ -125,7 +128,7 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
     """v*(x_t, t, c) = v_{T_k(c)}(x_t, t, c) (Eq. 7): each teacher runs once on the samples routed to it."""
     v_star = torch.empty_like(x_t, dtype=torch.float32)
     for task, idx in groups.items():
-        fm.set_adapter(model.transformer, f"teacher:{task}")
+        lora.set_adapter(model.transformer, f"teacher:{task}")
         for mb in torch.tensor(idx, dtype=torch.long).split(micro_batch):
             v_star[mb] = fm.velocity(model, x_t[mb], sigma, fm.select(enc, mb), guidance)
     return v_star
@@ -135,17 +138,17 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
 def sft_cold_start(model, student, params, routes, tasks, args, device):
     """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student."""
     opt = torch.optim.AdamW(params, lr=args.sft_lr)
-    stream = grpo.prompt_stream(args, tasks)
+    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed)
     pool = []
     for i in tqdm(range(0, args.sft_samples, args.micro_batch), desc="sft: teacher samples", leave=False):
         prompts = [next(stream) for _ in range(min(args.micro_batch, args.sft_samples - i))]
         for task, idx in route(prompts, routes).items():
-            fm.set_adapter(model.transformer, f"teacher:{task}")
+            lora.set_adapter(model.transformer, f"teacher:{task}")
             enc = fm.encode_prompts(model, [prompts[j] for j in idx])
             g = torch.Generator().manual_seed(args.seed * 7919 + i)
             out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g)
             pool += [(prompts[j], out["states"][k, -1]) for k, j in enumerate(idx)]
-    fm.set_adapter(student.transformer, "student")
+    lora.set_adapter(student.transformer, "student")
     rng = random.Random(args.seed)
     for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
         batch = rng.sample(pool, min(args.micro_batch, len(pool)))
@@ -159,44 +162,24 @@ def sft_cold_start(model, student, params, routes, tasks, args, device):
 # ----------------------------------------------------------------------------------------------- --full
 def full_student(model, transformer, pairs, world):
     """--full: the student is a full copy of the base in float32, cold-started by folding the merged teachers'
-    deltas (B A, already scaled) into its weights. Under torchrun it is sharded with FSDP (each block, then the
-    whole; bf16 compute when the base is bf16), so each GPU holds 1/world of its weights, gradients and AdamW state."""
+    deltas (B A, already scaled) into its weights; under torchrun sharded with FSDP (runs.fsdp_shard)."""
     with torch.no_grad():
         for mod, (A, B) in (pairs or {}).items():
             W = transformer.get_submodule(mod).weight
             W += (B @ A).to(W)
     transformer.requires_grad_(True)
     if world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        compute = next(model.transformer.parameters()).dtype
-        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        for block in transformer.transformer_blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(transformer, mp_policy=mp)
+        runs.fsdp_shard(transformer, next(model.transformer.parameters()).dtype)
     return dataclasses.replace(model, transformer=transformer)
 
 
 def checkpoint_full(args, model, student, opt, meta, order_rng, rank, world):
-    """--full: the student at --out, and the resumable state beside it. get_state_dict gathers the weights and the
-    AdamW state to rank 0 as plain tensors, the same on one process and from FSDP shards (every rank takes part)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    sd, opt_state = get_state_dict(student.transformer, opt,
-                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """--full: the student at --out, and the resumable state beside it (weights and AdamW gathered to rank 0)."""
+    sd, opt_state = runs.gather_full(student.transformer, opt)
     if rank == 0:
         save_full(args, model, sd, {**meta, "config": vars(args)})
-    fm.save_state(args.out, meta["step"], {f"full.{k}": v for k, v in sd.items()}, opt_state,
-                  {**meta, "config": vars(args)}, [order_rng], rank, world)
-
-
-def restore_full(student, opt, tensors, opt_state, world):
-    """--full --resume: rank 0 read the checkpoint; it is broadcast and each rank keeps its own shards. (Two calls:
-    set_state_dict would take the other ranks' empty model dict for "optimizer only" and skip the broadcast.)"""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    sd = {k[5:]: v for k, v in tensors.items() if k.startswith("full.")}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
-    set_model_state_dict(student.transformer, sd, options=options)
-    set_optimizer_state_dict(student.transformer, opt, opt_state if sd else {}, options=options)
+    runs.save_state(args.out, meta["step"], {f"full.{k}": v for k, v in sd.items()}, opt_state,
+                    {**meta, "config": vars(args)}, [order_rng], rank, world)
 
 
 def save_full(args, model, sd, meta):
@@ -217,7 +200,7 @@ def save_full(args, model, sd, meta):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
-    grpo.add_common_args(ap)
+    runs.add_common_args(ap)
     ap.set_defaults(prompts=32, group=1, steps=60, lr=1e-3, clip=1e-4)
     ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH or LABEL=PATH")
     ap.add_argument("--anchor", default="auto", help="MAR anchor: PATH, 'none', or 'auto' (the deqa teacher)")
@@ -235,7 +218,7 @@ def main(argv=None):
                     "instead of a LoRA: --out is then a full checkpoint (SD3: a transformer folder)")
     ap.add_argument("--out", default="ckpts/students/opd.safetensors")
     args = ap.parse_args(argv)
-    rank, world, device = grpo.dist_setup()
+    rank, world, device = runs.dist_setup()
     if len(args.teachers) == 1 and os.path.isdir(args.teachers[0]) and not os.path.isfile(
             os.path.join(args.teachers[0], "adapter_config.json")):  # a folder of teachers
         args.teachers = sorted(os.path.join(args.teachers[0], f) for f in os.listdir(args.teachers[0]))
@@ -243,32 +226,32 @@ def main(argv=None):
     routes, skipped = resolve_teachers(args.teachers)
     tasks = args.tasks or [t for t in sorted(routes) if t != "deqa"]
     if not tasks:
-        raise fm.BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
+        raise BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
                           "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
     anchor = routes.get("deqa") if args.anchor == "auto" else None if args.anchor == "none" else args.anchor
-    anchor = anchor and fm.fetch_adapter(anchor)
+    anchor = anchor and lora.fetch_adapter(anchor)
     if anchor and not os.path.exists(anchor):
-        raise fm.BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path or --anchor none")
-    fm.catch_signals()
+        raise BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path or --anchor none")
+    runs.catch_signals()
     torch.manual_seed(args.seed)
 
     # one frozen base, every teacher and the anchor as adapters on it, the student as one more
-    model = grpo.load_base(args, device)
+    model = fm.load_base(args, device)
     base_hash = fm.fingerprint(model)
     full = copy.deepcopy(model.transformer).float() if args.full else None  # before any adapter is added
     teacher_set = []
     for task, path in sorted(routes.items()):
-        meta = fm.load_lora(path, model.transformer, f"teacher:{task}")
+        meta = lora.load_lora(path, model.transformer, f"teacher:{task}")
         if meta.get("base_hash") and meta["base_hash"] != base_hash:
-            raise fm.BadInput(f"teacher {path} was trained on another base (hash {meta['base_hash']}, --model "
+            raise BadInput(f"teacher {path} was trained on another base (hash {meta['base_hash']}, --model "
                               f"{args.model} has {base_hash}); distil teachers of the base you load")
         teacher_set.append({"task": task, "path": path, "sha256": merge.sha256(path)})
     anchor_name = None
     if anchor:
         anchor_name = next((f"teacher:{t}" for t, p in routes.items() if p == anchor), "anchor")
         if anchor_name == "anchor":
-            fm.load_lora(anchor, model.transformer, "anchor")
+            lora.load_lora(anchor, model.transformer, "anchor")
     pairs, r, _ = merge.merge_files(sorted(set(routes.values()))) if args.init == "merge" else (None, 0, None)
     if args.full:  # the student's forward: its own full copy ...
         student = full_student(model, full, pairs, world)
@@ -276,10 +259,10 @@ def main(argv=None):
     else:          # ... or the one base with the "student" adapter (rank sum r_k after a merge, scaling 1)
         student = model
         if pairs:
-            fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+            lora.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
         else:
-            fm.add_lora(model.transformer, "student", args.rank, args.alpha)
-        params = fm.adapter_params(model.transformer, "student")
+            lora.add_lora(model.transformer, "student", args.rank, args.alpha)
+        params = lora.adapter_params(model.transformer, "student")
     if rank == 0:
         for path, why in skipped:
             print(f"skipped {path}: {why}")
@@ -289,7 +272,7 @@ def main(argv=None):
     if args.init == "sft" and not args.resume:
         sft_cold_start(model, student, params, routes, tasks, args, device)
         if not args.full:  # (every rank trained on the same pool; FSDP keeps its shards in step by itself)
-            grpo.all_reduce_mean([p.data for p in params], world)
+            runs.all_reduce_mean([p.data for p in params], world)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -297,18 +280,18 @@ def main(argv=None):
     sde = sampler.sde_steps(T, window=args.sde_window)
     N = args.prompts * args.group
     local = list(range(rank * N // world, (rank + 1) * N // world))
-    stream, order_rng = grpo.prompt_stream(args, tasks), random.Random(args.seed)
+    stream, order_rng = mw.prompt_stream(args.prompt_file, tasks, args.seed), random.Random(args.seed)
     meta = {"role": "student", "full": args.full, "tasks": tasks, "teachers": teacher_set, "init": args.init,
             "base_path": args.model, "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
     check_teacher_set(args, meta)
-    start, state, opt_state = grpo.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
+    start, state, opt_state = runs.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
                                           may_change=("teachers", "anchor"),  # checked by content above
                                           read_tensors=rank == 0 or not args.full)
     if start and args.full:
-        restore_full(student, opt, state, opt_state, world)
+        runs.restore_full(student.transformer, opt, state, opt_state, world)
     elif start:
-        grpo.restore_lora(params, opt, state, opt_state)
-    log = grpo.open_log(args, rank)
+        runs.restore_params(params, opt, state, opt_state)
+    log = runs.open_log(args, rank)
 
     bad = bad_total = 0
     stop, step = False, start - 1
@@ -318,9 +301,9 @@ def main(argv=None):
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
-        x, eps = grpo.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
+        x, eps = runs.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
         # 1. the student's own trajectories
-        fm.set_adapter(student.transformer, "student")  # (a full student has no adapters: a no-op)
+        lora.set_adapter(student.transformer, "student")  # (a full student has no adapters: a no-op)
         traj = sampler.sample(student, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp, v_old = traj["states"], traj["sigmas"], traj["log_probs"].to(device), traj["velocities"]
         t1 = time.time()
@@ -351,12 +334,12 @@ def main(argv=None):
                     mu_anchor[t] = mar.anchor_mean(model, anchor_name, states[:, t], sigmas, t, enc, args.guidance,
                                                    args.noise_level)
         if args.adv_norm:
-            a = grpo.all_gather(adv[:, sde].flatten(), world)
+            a = runs.all_gather(adv[:, sde].flatten(), world)
             adv = (adv - a.mean()) / (a.std() + 1e-8)
         t2 = time.time()
 
         # 5. clipped update (Eq. 11) + MAR (Eq. 12)
-        fm.set_adapter(student.transformer, "student")
+        lora.set_adapter(student.transformer, "student")
         stats = torch.zeros(4, device=device)  # loss, MAR KL, clip fraction, approx KL
         for epoch in range(args.inner_epochs):
             opt.zero_grad(set_to_none=True)
@@ -377,16 +360,16 @@ def main(argv=None):
                         stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
                                               ((ratio - 1).abs() > args.clip).float().sum(),
                                               (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
-            grpo.all_reduce_mean(([] if args.full else [p.grad for p in params]) + [epoch_loss], world)  # FSDP: done
+            runs.all_reduce_mean(([] if args.full else [p.grad for p in params]) + [epoch_loss], world)  # FSDP: done
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-            bad = fm.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
+            bad = runs.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
                                     args.max_bad_steps, args.out)
             if bad:
                 bad_total += 1
                 break
             opt.step()
-        grpo.all_reduce_mean([stats], world)
+        runs.all_reduce_mean([stats], world)
         t3 = time.time()
 
         if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):
@@ -399,28 +382,29 @@ def main(argv=None):
             log.flush()
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                                 if "/reward/" not in k))
-        stop = fm.stop_requested(world, device)
+        stop = runs.stop_requested(world, device)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             if args.full:
                 checkpoint_full(args, model, student, opt, {**meta, "step": step + 1}, order_rng, rank, world)
             else:
-                grpo.checkpoint(args, model, "student", params, opt, {**meta, "step": step + 1}, order_rng, rank, world)
+                runs.checkpoint(args, lambda m: lora.save_lora(args.out, model.transformer, "student", m), params,
+                                opt, {**meta, "step": step + 1}, order_rng, rank, world)
         if stop:
             break
     if rank == 0:
-        print(f"stopped by {fm.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
+        print(f"stopped by {runs.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
 def check_teacher_set(args, meta):
     """--resume must distil the same teachers (content, not just paths) toward the same anchor: say what changed."""
-    if not args.resume or not os.path.isdir(fm.state_dir(args.out)):
+    if not args.resume or not os.path.isdir(runs.state_dir(args.out)):
         return
-    steps = sorted(d for d in os.listdir(fm.state_dir(args.out)) if d.startswith("step_"))
+    steps = sorted(d for d in os.listdir(runs.state_dir(args.out)) if d.startswith("step_"))
     if not steps:
         return
-    with safe_open(os.path.join(fm.state_dir(args.out), steps[-1], "state.safetensors"), "pt") as f:
+    with safe_open(os.path.join(runs.state_dir(args.out), steps[-1], "state.safetensors"), "pt") as f:
         old = json.loads(f.metadata()["flow_opd_state"])
     was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
     changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
@@ -429,18 +413,20 @@ def check_teacher_set(args, meta):
     if old["anchor"] != meta["anchor"]:
         changes.append(f"anchor: {(old['anchor'] or {}).get('path')} -> {(meta['anchor'] or {}).get('path')}")
     if changes:
-        raise fm.BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
+        raise BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
                           "with the original teachers, or drop --resume to start over")
 
 
 def check_args(args, world):
-    grpo.check_common_args(args, world)
+    sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
+    sampler.sde_steps(args.sample_steps, window=args.sde_window)
+    runs.check_common_args(args, world)
     if args.beta < 0:
-        raise fm.BadInput(f"--beta must be >= 0, got {args.beta}")
+        raise BadInput(f"--beta must be >= 0, got {args.beta}")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
-        raise fm.BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
-    fm.check_writable(args.out)
+        raise BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
+    runs.check_writable(args.out)
 
 
 if __name__ == "__main__":
-    fm.run(main)
+    runs.run(main)

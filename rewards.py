@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import miniworld as mw
+from runs import BadInput
 
 PALETTE = torch.tensor(list(mw.COLORS.values()))  # (5, 3)
 COLOR_NAMES = list(mw.COLORS)
@@ -243,7 +244,7 @@ def remote(name, url, timeout=120.0, retries=3, backoff=2.0):
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 why = getattr(e, "reason", e)
                 if attempt + 1 == retries:
-                    raise mw.BadInput(f"the {name} reward server at {url} is down or too slow ({why}) after {retries} "
+                    raise BadInput(f"the {name} reward server at {url} is down or too slow ({why}) after {retries} "
                                       f"tries of {timeout:g} s; start it (python rewards.py --serve {name}) or fix "
                                       f"--{name}_url") from None
                 time.sleep(backoff * 2 ** attempt)
@@ -252,7 +253,7 @@ def remote(name, url, timeout=120.0, retries=3, backoff=2.0):
             assert isinstance(scores, list) and len(scores) == len(prompts)
             return torch.tensor([float("nan") if s is None else float(s) for s in scores])
         except (ValueError, KeyError, TypeError, AssertionError):
-            raise mw.BadInput(f"the {name} reward server at {url} answered garbage ({answer[:80]!r}); it must return "
+            raise BadInput(f"the {name} reward server at {url} answered garbage ({answer[:80]!r}); it must return "
                               f'{{"scores": [{len(prompts)} numbers]}}') from None
     return score
 
@@ -264,7 +265,7 @@ def clip_pickscore(path, processor=None, device="cpu"):
         model = CLIPModel.from_pretrained(path).eval().to(device)
         proc = AutoProcessor.from_pretrained(processor or path)
     except Exception as e:
-        raise mw.BadInput(f"cannot load a CLIP model from {path!r} for PickScore ({type(e).__name__}); give "
+        raise BadInput(f"cannot load a CLIP model from {path!r} for PickScore ({type(e).__name__}); give "
                           "--pickscore_model DIR (and --pickscore_processor DIR if the processor lives apart)") from None
 
     @torch.no_grad()
@@ -287,7 +288,7 @@ def ocr_engine(name):
     try:
         import paddleocr
     except ImportError:
-        raise mw.BadInput(f"--ocr_engine {name} needs the optional extra: pip install paddleocr paddlepaddle") from None
+        raise BadInput(f"--ocr_engine {name} needs the optional extra: pip install paddleocr paddlepaddle") from None
     if int(paddleocr.__version__.split(".")[0]) >= 3:
         engine = paddleocr.PaddleOCR(use_doc_orientation_classify=False, use_doc_unwarping=False,
                                      use_textline_orientation=False, lang="en")
@@ -369,13 +370,13 @@ def parse_spec(spec):
     for part in spec.split(","):
         name, _, w = part.strip().partition(":")
         if name not in REWARDS:
-            raise mw.BadInput(f"unknown reward {name!r}; choose from {', '.join(REWARDS)} (weights as name:0.5,...)")
+            raise BadInput(f"unknown reward {name!r}; choose from {', '.join(REWARDS)} (weights as name:0.5,...)")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:
-            raise mw.BadInput(f"reward weight {w!r} for {name} is not a number (write e.g. {name}:0.5)") from None
+            raise BadInput(f"reward weight {w!r} for {name} is not a number (write e.g. {name}:0.5)") from None
         if not out[name] > 0 or out[name] != out[name]:
-            raise mw.BadInput(f"reward weight for {name} must be a positive number, got {w}")
+            raise BadInput(f"reward weight for {name} must be a positive number, got {w}")
     return out
 
 
@@ -392,7 +393,7 @@ def combine(weights, images, prompts):
         den += ok * w
     if (den == 0).any():
         bad = _prompt(prompts[int((den == 0).nonzero()[0])])
-        raise mw.BadInput(f"no reward in {list(weights)} applies to the prompt {bad!r}; add one that does")
+        raise BadInput(f"no reward in {list(weights)} applies to the prompt {bad!r}; add one that does")
     return num / den, each
 
 

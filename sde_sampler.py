@@ -7,10 +7,16 @@
 """
 import argparse
 import math
+import textwrap
 
 import torch
+from PIL import Image, ImageDraw
 
 import flow_matching as fm
+import lora
+import miniworld as mw
+import runs
+from runs import BadInput
 
 
 def sigma_schedule(steps, shift=3.0):
@@ -72,7 +78,7 @@ def sde_steps(steps, sde="all-but-last", window=None):
     if window is not None:
         a, b = window
         if not 0 <= a < b <= steps - 1:
-            raise fm.BadInput(f"--sde_window {a} {b} must satisfy 0 <= a < b <= steps - 1 = {steps - 1}")
+            raise BadInput(f"--sde_window {a} {b} must satisfy 0 <= a < b <= steps - 1 = {steps - 1}")
         return list(range(a, b))
     if sde == "none":
         return []
@@ -112,6 +118,21 @@ def sample(model, enc, steps=10, guidance=1.0, noise_level=0.7, sde=None, shift=
             "log_probs": log_probs, "sde": list(sde)}
 
 
+def grid(images, captions, cols=8, scale=4):
+    """Images (B, 3, H, W) in [0, 1] with each caption under its image, as one PIL image."""
+    B, _, H, W = images.shape
+    w, cap = W * scale, 40
+    rows = math.ceil(B / cols)
+    canvas = Image.new("RGB", (cols * w, rows * (w + cap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    for i in range(B):
+        x, y = (i % cols) * w, (i // cols) * (w + cap)
+        canvas.paste(Image.fromarray(arr[i]).resize((w, w), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + w + 1), "\n".join(textwrap.wrap(captions[i], 24)[:3]), fill="black")
+    return canvas
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample a grid from a checkpoint with the ODE or the SDE (Eq. 5).")
     ap.add_argument("--model", default="ckpts/base.safetensors")
@@ -129,22 +150,19 @@ def main(argv=None):
     if args.bench:
         return bench(model, args)
     if args.lora:
-        fm.load_lora(args.lora, model.transformer, "lora")
-        fm.set_adapter(model.transformer, "lora")
-    import miniworld as mw
+        lora.load_lora(args.lora, model.transformer, "lora")
+        lora.set_adapter(model.transformer, "lora")
     prompts = args.prompt or [p["prompt"] for t in mw.TASKS for p in mw.eval_prompts(t, 8)]
     g = torch.Generator().manual_seed(args.seed)
     out = sample(model, fm.encode_prompts(model, prompts), args.steps, args.guidance, args.noise_level,
                  sde=None if args.noise_level > 0 else [], generator=g)
-    import eval as ev
-    ev.grid(fm.to_images(model, out["states"][:, -1]), prompts).save(args.out)
+    grid(fm.to_images(model, out["states"][:, -1]), prompts).save(args.out)
     print(f"wrote {args.out}")
 
 
 def bench(model, args):
     """Rollout throughput (trajectories/s) against its floor: `steps` batched forwards and nothing else."""
     import time
-    import miniworld as mw
     prompts = [next(mw.train_prompts()) for _ in range(args.bench)]
     enc = fm.encode_prompts(model, prompts)
     x = torch.randn((args.bench, *model.latent_shape()))
@@ -170,12 +188,12 @@ def bench(model, args):
 
 def check_sampling_args(steps, guidance, noise_level):
     if steps < 2:
-        raise fm.BadInput(f"--steps must be >= 2, got {steps}")
+        raise BadInput(f"--steps must be >= 2, got {steps}")
     if not guidance >= 0:
-        raise fm.BadInput(f"--guidance must be >= 0 (1 = no guidance), got {guidance}")
+        raise BadInput(f"--guidance must be >= 0 (1 = no guidance), got {guidance}")
     if not 0 <= noise_level <= 2:
-        raise fm.BadInput(f"--noise_level (a of Eq. 5) must be in [0, 2], Flow-GRPO uses 0.7; got {noise_level}")
+        raise BadInput(f"--noise_level (a of Eq. 5) must be in [0, 2], Flow-GRPO uses 0.7; got {noise_level}")
 
 
 if __name__ == "__main__":
-    fm.run(main)
+    runs.run(main)

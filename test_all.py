@@ -14,8 +14,10 @@ import traceback
 import torch
 
 import flow_matching as fm
+import lora
 import miniworld as mw
 import rewards
+import runs
 import sde_sampler as sampler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,26 +138,26 @@ def test_cfg_is_one_batched_forward_of_the_formula():
 # ----------------------------------------------------------------------------------------------- LoRA
 def test_lora_save_load_identical_and_switchable():
     model = tiny_model()
-    fm.add_lora(model.transformer, "a", rank=4, alpha=8)
-    fm.add_lora(model.transformer, "b", rank=2, alpha=2)
+    lora.add_lora(model.transformer, "a", rank=4, alpha=8)
+    lora.add_lora(model.transformer, "b", rank=2, alpha=2)
     with torch.no_grad():
-        for p in fm.adapter_params(model.transformer, "a") + fm.adapter_params(model.transformer, "b"):
+        for p in lora.adapter_params(model.transformer, "a") + lora.adapter_params(model.transformer, "b"):
             p.normal_(0, 0.05)
     enc = fm.encode_prompts(model, ["a green triangle"])
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        fm.set_adapter(model.transformer, None)
+        lora.set_adapter(model.transformer, None)
         v0 = fm.velocity(model, x, 0.5, enc)
-        fm.set_adapter(model.transformer, "a")
+        lora.set_adapter(model.transformer, "a")
         va = fm.velocity(model, x, 0.5, enc)
-        fm.set_adapter(model.transformer, "b")
+        lora.set_adapter(model.transformer, "b")
         vb = fm.velocity(model, x, 0.5, enc)
     assert (va - v0).abs().max() > 1e-3 and (va - vb).abs().max() > 1e-3, "adapters should change the output"
     path = os.path.join(TMP, "a.safetensors")
-    fm.save_lora(path, model.transformer, "a", {"reward": "ocr"})
+    lora.save_lora(path, model.transformer, "a", {"reward": "ocr"})
     other = tiny_model()
-    meta = fm.load_lora(path, other.transformer, "a")
-    fm.set_adapter(other.transformer, "a")
+    meta = lora.load_lora(path, other.transformer, "a")
+    lora.set_adapter(other.transformer, "a")
     with torch.no_grad():
         close(fm.velocity(other, x, 0.5, enc), va, 1e-6, "reloaded adapter")
     assert meta == {"reward": "ocr"}
@@ -186,8 +188,8 @@ def test_peft_format_adapter_loads_with_dense_delta():
     with torch.no_grad():
         for m in mods:
             reference.transformer.get_submodule(m).weight += (alpha / r) * sd[f"base_model.model.{m}.lora_B.weight"] @ sd[f"base_model.model.{m}.lora_A.weight"]
-    fm.load_lora(d, model.transformer, "peft")
-    fm.set_adapter(model.transformer, "peft")
+    lora.load_lora(d, model.transformer, "peft")
+    lora.set_adapter(model.transformer, "peft")
     enc = fm.encode_prompts(model, ["a purple square"])
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -314,7 +316,7 @@ def test_reward_spec_and_combine():
         try:
             rewards.parse_spec(bad)
             raise AssertionError(f"{bad} accepted")
-        except mw.BadInput:
+        except runs.BadInput:
             pass
     ps = [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "5"', "task": "ocr"}]
     img = mw.render_batch(ps, 0)
@@ -373,8 +375,8 @@ def test_sd3_backend_tiny_pipeline():
         img = fm.to_images(model, out["states"][:, -1])
     assert img.shape == (2, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
     assert len(model.cache) == 3  # the prompts and "" encoded once, then cached
-    fm.add_lora(model.transformer, "t", rank=2, alpha=4)
-    assert len(fm.lora_layers(model.transformer)) == 15  # 8 per block; the last block has no to_add_out
+    lora.add_lora(model.transformer, "t", rank=2, alpha=4)
+    assert len(lora.lora_layers(model.transformer)) == 15  # 8 per block; the last block has no to_add_out
 
 
 def test_our_adapter_loads_into_diffusers():
@@ -387,18 +389,18 @@ def test_our_adapter_loads_into_diffusers():
     from diffusers import StableDiffusion3Pipeline
     path = tiny_sd3_pipeline()
     model = fm.load_model(path)
-    fm.add_lora(model.transformer, "ours", rank=4, alpha=8)
+    lora.add_lora(model.transformer, "ours", rank=4, alpha=8)
     g = torch.Generator().manual_seed(0)
-    for layer in fm.lora_layers(model.transformer).values():  # B != 0, so the adapter changes the output
+    for layer in lora.lora_layers(model.transformer).values():  # B != 0, so the adapter changes the output
         layer.lora_B["ours"].weight.data = torch.randn(layer.lora_B["ours"].weight.shape, generator=g) * 0.1
-    fm.set_adapter(model.transformer, "ours")
+    lora.set_adapter(model.transformer, "ours")
     file = os.path.join(TMP, "ours_for_diffusers.safetensors")
-    fm.save_lora(file, model.transformer, "ours", {"role": "test"})
+    lora.save_lora(file, model.transformer, "ours", {"role": "test"})
     enc = fm.encode_prompts(model, ["a red circle", 'the text "47"'])
     x = torch.randn(2, *model.latent_shape(64), generator=g)
     with torch.no_grad():
         v_ours = fm.velocity(model, x, 0.6, enc)
-        fm.set_adapter(model.transformer, None)
+        lora.set_adapter(model.transformer, None)
         v_base = fm.velocity(model, x, 0.6, enc)
         none = dict(text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)
         pipe = StableDiffusion3Pipeline.from_pretrained(path, **none)
@@ -429,13 +431,13 @@ def test_sd3_pipeline_through_every_script():
         rec = read_log(f"{d}/log_{task}.jsonl")[0]
         assert math.isfinite(rec["loss"]) and rec["ratio_dev"] < 1e-4, rec
     # the ocr teacher again, as a peft directory (adapter_config.json + adapter_model.safetensors)
-    pairs, r, alpha, meta = fm.read_lora(f"{d}/teachers/ocr.safetensors")
+    pairs, r, alpha, meta = lora.read_lora(f"{d}/teachers/ocr.safetensors")
     peft = os.path.join(d, "peft_ocr")
     os.makedirs(peft, exist_ok=True)
     from safetensors.torch import save_file
     save_file({f"base_model.model.{m}.lora_{ab}.weight": t.contiguous() for m, (A, B) in pairs.items()
                for ab, t in (("A", A), ("B", B))}, os.path.join(peft, "adapter_model.safetensors"))
-    json.dump({"r": r, "lora_alpha": alpha, "target_modules": list(fm.LORA_TARGETS), "peft_type": "LORA"},
+    json.dump({"r": r, "lora_alpha": alpha, "target_modules": list(lora.LORA_TARGETS), "peft_type": "LORA"},
               open(os.path.join(peft, "adapter_config.json"), "w"))
     cli("merge.py", f"{d}/teachers/ocr.safetensors", f"{d}/teachers/geneval.safetensors", "--out", f"{d}/merged.safetensors")
     cli("opd_student.py", *small, "--teachers", f"geneval={d}/teachers/geneval.safetensors", f"ocr={peft}",
@@ -494,7 +496,7 @@ def test_reward_server_protocol_and_failures():
         try:
             rewards.remote("geneval", target, timeout=0.3, retries=2, backoff=0.05)(imgs[:2], prompts[:2])
             raise AssertionError(f"{what} server accepted")
-        except mw.BadInput as e:
+        except runs.BadInput as e:
             msg = str(e)
         assert needle in msg and "\n" not in msg, msg
         print(f"    {what}: {time.time() - t0:.2f}s -> {msg[:110]}")
@@ -534,7 +536,7 @@ def test_ocr_engine_both_paddleocr_apis_and_missing_extra():
         try:
             rewards.ocr_engine("paddleocr")
             raise AssertionError("no error without the extra")
-        except rewards.mw.BadInput as e:
+        except runs.BadInput as e:
             assert "pip install paddleocr" in str(e)
     finally:
         if saved is None:
@@ -596,8 +598,8 @@ def test_grpo_on_policy_ratio_and_two_process_update():
     assert a["ratio_dev"] < 1e-5, "the first inner step is on-policy: rho = 1"
     assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"] and abs(a["reward"] - b["reward"]) < 1e-6
-    pa, ra, _, ma = fm.read_lora(os.path.join(TMP, "g1.safetensors"))
-    pb, _, _, _ = fm.read_lora(os.path.join(TMP, "g2.safetensors"))
+    pa, ra, _, ma = lora.read_lora(os.path.join(TMP, "g1.safetensors"))
+    pb, _, _, _ = lora.read_lora(os.path.join(TMP, "g2.safetensors"))
     assert ma["role"] == "teacher" and ma["tasks"] == ["pickscore"] and ma["base_hash"] == fm.fingerprint(fm.load_model(base))
     assert max((pa[k][1] - pb[k][1]).abs().max().item() for k in pa) < 1e-5, "the same LoRA after one update"
 
@@ -620,7 +622,7 @@ def _random_teacher(path, seed, rank, alpha, base_hash, modules=None):
     for m in modules or ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_add_out"]:
         lin = model.transformer.get_submodule(m)
         pairs[m] = (torch.randn(rank, lin.in_features, generator=g) * 0.1, torch.randn(lin.out_features, rank, generator=g) * 0.1)
-    fm.write_lora(path, pairs, rank, alpha, {"role": "teacher", "tasks": [f"t{seed}"], "base_hash": base_hash})
+    lora.write_lora(path, pairs, rank, alpha, {"role": "teacher", "tasks": [f"t{seed}"], "base_hash": base_hash})
     return pairs
 
 
@@ -646,8 +648,8 @@ def test_merge_is_exact_sum_of_deltas():
     out = os.path.join(TMP, "merged.safetensors")
     cli("merge.py", *paths, "--weights", *map(str, w), "--out", out)
     model, reference = tiny_model(), tiny_model()
-    fm.load_lora(out, model.transformer, "m")
-    fm.set_adapter(model.transformer, "m")
+    lora.load_lora(out, model.transformer, "m")
+    lora.set_adapter(model.transformer, "m")
     with torch.no_grad():
         for mod, (A, B) in pairs.items():
             reference.transformer.get_submodule(mod).weight += B @ A
@@ -719,12 +721,12 @@ def _opd_setup():
     paths = {}
     for k, task in enumerate(["geneval", "ocr", "deqa"]):
         model = fm.load_model(base)
-        fm.add_lora(model.transformer, "t", 2, 4)
+        lora.add_lora(model.transformer, "t", 2, 4)
         with torch.no_grad():
-            for p in fm.adapter_params(model.transformer, "t"):
+            for p in lora.adapter_params(model.transformer, "t"):
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(k))
         paths[task] = os.path.join(TMP, "teachers", f"{task}.safetensors")
-        fm.save_lora(paths[task], model.transformer, "t", {"role": "teacher", "tasks": [task], "base_hash": h,
+        lora.save_lora(paths[task], model.transformer, "t", {"role": "teacher", "tasks": [task], "base_hash": h,
                                                            "base_path": base})
     return base, paths
 
@@ -734,7 +736,7 @@ def test_routing_gives_each_task_its_teacher():
     base, paths = _opd_setup()
     model = fm.load_model(base)
     for task in ("geneval", "ocr"):
-        fm.load_lora(paths[task], model.transformer, f"teacher:{task}")
+        lora.load_lora(paths[task], model.transformer, f"teacher:{task}")
     prompts = [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "3"', "task": "ocr"},
                {"prompt": "two squares", "task": "geneval"}]
     groups = opd.route(prompts, {"geneval": paths["geneval"], "ocr": paths["ocr"]})
@@ -744,8 +746,8 @@ def test_routing_gives_each_task_its_teacher():
     v_star = opd.routed_velocity(model, x, 0.5, enc, groups, 1.0, 2)
     for i, task in enumerate(["geneval", "ocr", "geneval"]):
         ref = fm.load_model(base)
-        fm.load_lora(paths[task], ref.transformer, "x")
-        fm.set_adapter(ref.transformer, "x")
+        lora.load_lora(paths[task], ref.transformer, "x")
+        lora.set_adapter(ref.transformer, "x")
         with torch.no_grad():
             close(v_star[i], fm.velocity(ref, x[i:i + 1], 0.5, fm.select(enc, [i]))[0], 1e-5, f"sample {i} -> {task}")
 
@@ -754,12 +756,12 @@ def test_mar_gradient_matches_finite_differences():
     import mar
     base, paths = _opd_setup()
     model = fm.load_model(base)
-    fm.load_lora(paths["deqa"], model.transformer, "anchor")
-    fm.add_lora(model.transformer, "student", 2, 4)
+    lora.load_lora(paths["deqa"], model.transformer, "anchor")
+    lora.add_lora(model.transformer, "student", 2, 4)
     with torch.no_grad():
-        for q in fm.adapter_params(model.transformer, "student"):
+        for q in lora.adapter_params(model.transformer, "student"):
             q.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
-    p = fm.adapter_params(model.transformer, "student")[1]  # a lora_B
+    p = lora.adapter_params(model.transformer, "student")[1]  # a lora_B
     p.requires_grad_(True)
     enc = fm.encode_prompts(model, ["the sea at noon", "a blue circle"])
     sig = sampler.sigma_schedule(10)
@@ -767,7 +769,7 @@ def test_mar_gradient_matches_finite_differences():
     mu_a = mar.anchor_mean(model, "anchor", x, sig, 3, enc, 1.0, 0.7)
 
     def loss():
-        fm.set_adapter(model.transformer, "student")
+        lora.set_adapter(model.transformer, "student")
         mu, std = sampler.gaussian_step(x, fm.velocity(model, x, float(sig[3]), enc), sig, 3, 0.7)
         return mar.mar_loss(mu, mu_a, std, beta=0.04)
 
@@ -802,7 +804,7 @@ def test_opd_two_process_update_and_routing_errors():
     assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"] and abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
     assert a["mar_kl"] > 0 and "opd/vel_mse/geneval" in a and "opd/vel_mse/ocr" in a
-    meta = fm.read_lora(out1)[3]
+    meta = lora.read_lora(out1)[3]
     assert meta["role"] == "student" and [t["task"] for t in meta["teachers"]] == ["geneval", "ocr"]
     # routing errors: a label no teacher covers, two teachers for one label
     _, err = cli("opd_student.py", *common, "--tasks", "geneval", "pickscore", "--out", os.path.join(TMP, "x.safetensors"), expect=2)
@@ -823,8 +825,8 @@ def test_opd_full_student_fsdp():
     model = fm.load_model(base)
     copy_ = __import__("copy").deepcopy(model.transformer)
     pairs, r, _ = merge.merge_files([paths["geneval"], paths["ocr"]])
-    fm.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
-    fm.set_adapter(model.transformer, "student")
+    lora.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+    lora.set_adapter(model.transformer, "student")
     student = opd.full_student(model, copy_, pairs, world=1)
     enc = fm.encode_prompts(model, [{"prompt": "a red circle", "task": "geneval"}, {"prompt": 'the text "4"', "task": "ocr"}])
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -875,21 +877,21 @@ def test_benchmark_tiny_memory_counts():
     res = benchmark.main(["--tiny"])
     t = __import__("diffusers").SD3Transformer2DModel(**benchmark.TINY)
     base = sum(p.numel() * 4 for p in t.parameters()) + sum(b.numel() * 4 for b in t.buffers())
-    fm.add_lora(t, "x", 2, 4)
-    lora = sum(5 * 2 * (l.base.in_features + l.base.out_features) * 4 for l in fm.lora_layers(t).values())
-    assert res["base"] == base and res["full"] == 4 * base and res["lora"] == lora, (res, base, lora)
+    lora.add_lora(t, "x", 2, 4)
+    adapters = sum(5 * 2 * (l.base.in_features + l.base.out_features) * 4 for l in lora.lora_layers(t).values())
+    assert res["base"] == base and res["full"] == 4 * base and res["lora"] == adapters, (res, base, adapters)
     assert res["t_opd"] > 0 and res["t_grpo"] > 0
 
 
 def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
     base = base_ckpt()
     model = fm.load_model(base)
-    fm.add_lora(model.transformer, "t", 2, 4)  # B = 0: a zero delta
-    lora = os.path.join(TMP, "zero.safetensors")
-    fm.save_lora(lora, model.transformer, "t", {"role": "teacher", "tasks": ["ocr"], "base_path": base,
+    lora.add_lora(model.transformer, "t", 2, 4)  # B = 0: a zero delta
+    path = os.path.join(TMP, "zero.safetensors")
+    lora.save_lora(path, model.transformer, "t", {"role": "teacher", "tasks": ["ocr"], "base_path": base,
                                                 "base_hash": fm.fingerprint(model)})
     out = os.path.join(TMP, "eval_out")
-    cli("eval.py", f"Base={base}", f"Zero LoRA={lora}", "--n", "4", "--steps", "3", "--out", out)
+    cli("eval.py", f"Base={base}", f"Zero LoRA={path}", "--n", "4", "--steps", "3", "--out", out)
     table = json.load(open(os.path.join(out, "table.json")))
     assert list(table["rows"]) == ["Base", "Zero LoRA"] and table["scores"]["Base"] == table["scores"]["Zero LoRA"]
     assert os.path.exists(os.path.join(out, "compare.png")) and os.path.exists(os.path.join(out, "Zero_LoRA.png"))
@@ -929,7 +931,7 @@ def _sigkill_after(cmd, state, at_least):
 
 
 def _same_lora(a, b):
-    pa, pb = fm.read_lora(a)[0], fm.read_lora(b)[0]
+    pa, pb = lora.read_lora(a)[0], lora.read_lora(b)[0]
     assert pa.keys() == pb.keys()
     diff = [k for k in pa if not (torch.equal(pa[k][0], pb[k][0]) and torch.equal(pa[k][1], pb[k][1]))]
     assert not diff, f"{len(diff)} adapted layers differ, e.g. {diff[0]}"
@@ -940,8 +942,8 @@ def _sigkill_resume(launcher, tag):
     run = ["grpo_teacher.py", "--model", base, "--reward", "pickscore", "--steps", "6", "--save_every", "1", *TINY_RUN]
     ref, cut = os.path.join(TMP, f"{tag}_ref.safetensors"), os.path.join(TMP, f"{tag}_cut.safetensors")
     subprocess.run([*launcher, *run, "--out", ref, "--log_file", ref + ".jsonl"], cwd=HERE, check=True, capture_output=True)
-    rc = _sigkill_after([*launcher, *run, "--out", cut, "--log_file", cut + ".jsonl"], fm.state_dir(cut), 3)
-    killed_at = fm.read_lora(cut)[3]["step"]  # what a crash leaves: a complete adapter of some earlier step
+    rc = _sigkill_after([*launcher, *run, "--out", cut, "--log_file", cut + ".jsonl"], runs.state_dir(cut), 3)
+    killed_at = lora.read_lora(cut)[3]["step"]  # what a crash leaves: a complete adapter of some earlier step
     assert rc != 0 and 3 <= killed_at < 6, (rc, killed_at)
     p = subprocess.run([*launcher, *run, "--out", cut, "--log_file", cut + ".jsonl", "--resume"], cwd=HERE,
                        capture_output=True, text=True)
@@ -964,7 +966,7 @@ def test_pretraining_sigkill_then_resume_is_bitwise():
     run = ["flow_matching.py", "--steps", "8", "--batch", "4", "--save_every", "1"]
     ref, cut = os.path.join(TMP, "pre_ref.safetensors"), os.path.join(TMP, "pre_cut.safetensors")
     cli(*run, "--out", ref)
-    rc = _sigkill_after([sys.executable, *run, "--out", cut], fm.state_dir(cut), 3)
+    rc = _sigkill_after([sys.executable, *run, "--out", cut], runs.state_dir(cut), 3)
     assert rc != 0 and not os.path.exists(cut)
     cli(*run, "--out", cut, "--resume")
     a, b = fm.load_model(ref), fm.load_model(cut)
@@ -988,7 +990,7 @@ def test_sigterm_saves_exits_0_and_opd_resume_checks_the_teacher_set():
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0 and "stopped by SIGTERM" in out, out[-1500:]
-    stopped = fm.read_lora(cut)[3]["step"]
+    stopped = lora.read_lora(cut)[3]["step"]
     assert 1 <= stopped < 8, stopped
     # resuming with a teacher of other content under the same path is refused, and nothing is written
     swapped = os.path.join(TMP, "teachers_swapped")
@@ -1026,7 +1028,7 @@ def test_nan_updates_are_skipped_and_k_in_a_row_stop_the_run():
         rewards.combine = nan_at(lambda s: s == 2 or s >= 4)
         grpo.main([*run, "--steps", "20", "--max_bad_steps", "3", "--out", out, "--log_file", out + ".jsonl"])
         raise AssertionError("3 NaN updates in a row did not stop the run")
-    except fm.Diverged as e:
+    except runs.Diverged as e:
         assert "3 updates in a row" in str(e) and "step 6" in str(e), e
     finally:
         rewards.combine = real
@@ -1035,9 +1037,9 @@ def test_nan_updates_are_skipped_and_k_in_a_row_stop_the_run():
     assert [r["bad_steps"] for r in read_log(out + ".jsonl")] == [0, 1, 1, 2, 3]
     # the checkpoint left behind (written at step 5) holds the last good update, step 3's: the same as a run that
     # stopped at step 3, bitwise, and finite
-    assert fm.read_lora(out)[3]["step"] == 5
+    assert lora.read_lora(out)[3]["step"] == 5
     _same_lora(ref, out)
-    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in fm.read_lora(out)[0].values())
+    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in lora.read_lora(out)[0].values())
     print("    skipped steps 2, 4, 5; stopped at step 6; the checkpoint holds step 3's weights, bitwise")
 
 
@@ -1057,9 +1059,9 @@ def _inputs():
     open(os.path.join(d, "bad.jsonl"), "w").write('{"prompt": "a circle", "task": "geneval"}\nnot json\n')
     model = fm.load_model(base)
     h = fm.fingerprint(model)
-    fm.add_lora(model.transformer, "t", 2, 4)
-    pairs = {m: (torch.zeros(2, 64), torch.zeros(l.base.out_features, 2)) for m, l in fm.lora_layers(model.transformer).items()}
-    fm.write_lora(os.path.join(d, "narrow.safetensors"), pairs, 2, 4.0, {"role": "teacher", "tasks": ["ocr"],
+    lora.add_lora(model.transformer, "t", 2, 4)
+    pairs = {m: (torch.zeros(2, 64), torch.zeros(l.base.out_features, 2)) for m, l in lora.lora_layers(model.transformer).items()}
+    lora.write_lora(os.path.join(d, "narrow.safetensors"), pairs, 2, 4.0, {"role": "teacher", "tasks": ["ocr"],
                                                                           "base_hash": h, "base_path": base})
     _random_teacher(os.path.join(d, "foreign.safetensors"), 3, 2, 4.0, "0123456789abcdef")
     cli("grpo_teacher.py", "--model", base, "--reward", "pickscore", "--steps", "1", *TINY_RUN,
