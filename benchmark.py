@@ -12,7 +12,6 @@ GRPO's reward models are left out (they would only make it slower), so the ratio
 Prompt encodings are random tensors of the real shapes: the text encoders run once per prompt and are cached.
 Targets (issue 5): OPD <= 1.3x GRPO per iteration; three teachers plus the anchor as adapters <= 10% over one model.
 """
-import argparse
 import copy
 import time
 from types import SimpleNamespace
@@ -70,16 +69,20 @@ def timed(fn, device, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="OPD vs GRPO iteration time and memory; adapters vs full copies.")
+    ap = runs.parser("OPD vs GRPO iteration time and memory; adapters vs full copies.")
     ap.add_argument("--tiny", action="store_true", help="a tiny config on CPU (a smoke run of this script)")
     ap.add_argument("--batch", type=int, default=8, help="samples per process per iteration")
-    ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--guidance", type=float, default=4.5)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--alpha", type=float, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resolution", type=int, default=512, help="image size")
+    ap.add_argument("--steps", type=int, default=10, help="denoising steps of a rollout")
+    ap.add_argument("--guidance", type=float, default=4.5, help="CFG scale")
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank of each adapter")
+    ap.add_argument("--alpha", type=float, default=64, help="LoRA alpha of each adapter")
+    ap.add_argument("--repeats", type=int, default=3, help="timed iterations of each kind (after one warm-up)")
     args = ap.parse_args(argv)
+    runs.check_finite(args)
+    sampler.check_sampling_args(args.steps, args.guidance, 0.7, "--steps")
+    if min(args.batch, args.rank, args.repeats) < 1 or not args.alpha > 0 or args.resolution % 16 or args.resolution < 16:
+        raise BadInput("--batch, --rank and --repeats must be >= 1, --alpha > 0, --resolution a positive multiple of 16")
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         raise BadInput("the benchmark measures SD3.5-Medium on a CUDA GPU and none is visible; --tiny runs it on CPU")
@@ -99,7 +102,7 @@ def main(argv=None):
     full_mem = (memory(device) - base_mem) if cuda else model_bytes(*copies)
     del copies
     cfg = transformer.config
-    model = SimpleNamespace(transformer=transformer, device=device,
+    model = SimpleNamespace(transformer=transformer, device=device, scheduler=fm.mini_scheduler(),  # SD3's config
                             latent_shape=lambda r: (cfg.in_channels, r // 8, r // 8))
     B, T = args.batch, args.steps
     enc = {"seq": torch.randn(B, 333, cfg.joint_attention_dim, device=device, dtype=dtype),
@@ -118,7 +121,7 @@ def main(argv=None):
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-4)
-    run = SimpleNamespace(guidance=args.guidance, noise_level=0.7)
+    run = SimpleNamespace(guidance=args.guidance, noise_level=0.7, cfg_grad="both")
     sde = sampler.sde_steps(T)
     groups = {t: list(range(k, B, len(TASKS))) for k, t in enumerate(TASKS) if k < B}  # Eq. 7: one teacher each
 
@@ -135,30 +138,31 @@ def main(argv=None):
             with torch.no_grad():
                 targets = frozen(states[:, t], sigmas, t)
             lora.set_adapter(transformer, "student")
-            _, lp, mu, std = grpo.policy_step(model, states, sigmas, t, enc, run)
-            loss(traj, t, lp, mu, std, targets).backward()
+            _, lp, mu = grpo.policy_step(model, states, sigmas, t, enc, run)
+            loss(traj, t, lp, mu, targets).backward()
         opt.step()
 
     def mean_of(adapter, x, sigmas, t):
         lora.set_adapter(transformer, adapter)
-        return sampler.gaussian_step(x, fm.velocity(model, x, float(sigmas[t]), enc, args.guidance), sigmas, t, 0.7)[0]
+        return sampler.sde_mean(x, fm.velocity(model, x, float(sigmas[t]), enc, args.guidance), sigmas, t, 0.7)
 
     def grpo_iteration():  # Eq. 11 with group advantages, plus Flow-GRPO's KL to the frozen base (no adapter)
         adv = torch.randn(B, device=device)
 
-        def loss(traj, t, lp, mu, std, mu_ref):
+        def loss(traj, t, lp, mu, mu_ref):
             pg, _ = grpo.clipped_surrogate(lp, traj["log_probs"][:, t].to(device), adv, 1e-4)
-            return (pg + 0.04 * mar.mar_kl(mu, mu_ref, std)).mean()
+            return (pg + 0.04 * mar.mar_kl(mu, mu_ref, traj["sigmas"], t, 0.7)).mean()
         update(rollout(), lambda x, sigmas, t: mean_of(None, x, sigmas, t), loss)
 
     def opd_iteration():  # Eq. 7's routed teachers and Eq. 12's anchor at the student's states; Eq. 9's KL + MAR
         def frozen(x, sigmas, t):
             v_star = opd.routed_velocity(model, x, float(sigmas[t]), enc, groups, args.guidance, B)
             mu_anchor = mar.anchor_mean(model, "anchor", x, sigmas, t, enc, args.guidance, 0.7)
-            return sampler.gaussian_step(x, v_star, sigmas, t, 0.7)[0], mu_anchor
+            return sampler.sde_mean(x, v_star, sigmas, t, 0.7), mu_anchor
 
-        def loss(traj, t, lp, mu, std, mus):
-            return (sampler.kl_per_dim(mu, mus[0], std) + 0.04 * mar.mar_kl(mu, mus[1], std)).mean()
+        def loss(traj, t, lp, mu, mus):
+            sig = traj["sigmas"]
+            return (sampler.kl(mu, mus[0], sig, t, 0.7) + 0.04 * mar.mar_kl(mu, mus[1], sig, t, 0.7)).mean()
         update(rollout(), frozen, loss)
 
     t_grpo, peak_grpo = timed(grpo_iteration, device, args.repeats)

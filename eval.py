@@ -8,7 +8,6 @@ GenEval (strict: every check passes), OCR Acc., DeQA, PickScore, and Avg = mean(
 each with its standard error. Writes <out>/table.md, <out>/table.json, a grid <out>/<row>.png per checkpoint and
 <out>/compare.png, the same prompts side by side across rows.
 """
-import argparse
 import json
 import math
 import os
@@ -17,15 +16,20 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw
 
+import checkpoints
 import flow_matching as fm
 import lora
 import miniworld as mw
+import real_rewards
 import rewards
 import runs
 import sde_sampler as sampler
 from runs import BadInput
 
 COLUMNS = [("GenEval", "geneval"), ("OCR Acc.", "ocr"), ("DeQA", "deqa"), ("PickScore", "pickscore")]
+TEACHERS = {"GenEval": "GRPO-GenEval", "OCR Acc.": "GRPO-OCR", "DeQA": "GRPO-DeQA", "PickScore": "GRPO-PickScore"}
+CATEGORY_NAMES = {"single_object": "single object", "two_object": "two objects", "counting": "counting",
+                  "colors": "colours", "position": "position", "color_attr": "colour attribution"}  # GenEval's six
 
 
 def comparison(images_by_row, prompts, per_task=3, scale=3):
@@ -46,37 +50,51 @@ def comparison(images_by_row, prompts, per_task=3, scale=3):
     return canvas
 
 
-def load_row(path, model_path=None, device="cpu", dtype=torch.float32):
-    """A base checkpoint, or a LoRA applied to its base. Returns the model ready to sample."""
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-        try:
-            with safe_open(path, "pt") as f:
-                fmt = (f.metadata() or {}).get("format")
-        except Exception:
-            raise BadInput(f"{path} is not a readable safetensors file; it may be truncated") from None
-        if fmt == "flow-opd-lora":
-            meta = lora.read_lora(path)[3]
-            base = model_path or meta.get("base_path")
-            model = fm.load_model(base, device, dtype)
-            if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
-                raise BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
-                                  f"{fm.fingerprint(model)}); give the right --model")
-            lora.load_lora(path, model.transformer, "row")
-            lora.set_adapter(model.transformer, "row")
-            return model
-    if model_path and os.path.isfile(os.path.join(path, "config.json")):  # a full SD3 student (opd_student --full)
+def row_source(path, model_path):
+    """What a row is, read before any work: ("lora" | "transformer" | "model", the base it samples with)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(
+            os.path.join(path, "model_index.json")):  # a full SD3 student (opd_student --full): a transformer folder
+        if not model_path:
+            raise BadInput(f"{path} is a transformer alone; give its pipeline with --model")
+        return "transformer", model_path
+    if not os.path.exists(path) and (path.endswith(".safetensors") or path.count("/") != 1 or
+                                     os.path.isdir(path.split("/")[0])):  # "t/ocr" beside a folder t: a local typo
+        raise BadInput(f"{path} does not exist; give a checkpoint, a LoRA, a diffusers folder or hub id (owner/name)")
+    kind, meta = lora.adapter_kind(path) if os.path.exists(path) else ("model", {})
+    if kind == "lora":
+        base = model_path or meta.get("base_path")
+        if not base:
+            raise BadInput(f"{path} is a LoRA that does not record its base; give it with --model")
+        if base.endswith(".safetensors") and not os.path.isfile(base):
+            raise BadInput(f"{path} records its base as {base}, which does not exist here; give the base with --model")
+        return "lora", base
+    if kind in ("other", "folder"):
+        raise BadInput(f"{path} is neither a model nor a LoRA; give base checkpoints, LoRAs or NAME=PATH")
+    if model_path and os.path.exists(model_path) and os.path.exists(path) and not os.path.samefile(model_path, path):
+        raise BadInput(f"{path} is a whole model, which --model {model_path} (the base of LoRA rows) does not apply to; "
+                       "evaluate the two as separate rows")
+    return "model", path
+
+
+def load_row(path, kind, base, device="cpu", dtype=torch.float32, resolution=512):
+    """A model ready to sample: a base, a LoRA applied to its base, or a full transformer on its pipeline."""
+    model = fm.load_model(base, device, dtype, resolution)
+    if kind == "transformer":
         from diffusers import SD3Transformer2DModel
-        model = fm.load_model(model_path, device, dtype)
         model.transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype).to(device).requires_grad_(False)
         model.pipe.transformer = model.transformer
-        return model
-    if model_path and os.path.isdir(path):  # a peft adapter directory on --model
-        model = fm.load_model(model_path, device, dtype)
-        lora.load_lora(path, model.transformer, "row")
+    elif kind == "lora":
+        meta = lora.load_lora(path, model.transformer, "row")
+        if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
+            raise BadInput(f"{path} was trained on another base than {base} (hash {meta['base_hash']} vs "
+                           f"{fm.fingerprint(model)}); give the right --model")
         lora.set_adapter(model.transformer, "row")
-        return model
-    return fm.load_model(path, device, dtype)
+    return model
+
+
+def slug(name):
+    """A row's name as a file name: "Flow-OPD (Merge) w/o MAR" -> "flow-opd-merge-w-o-mar"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "row"
 
 
 @torch.no_grad()
@@ -91,15 +109,17 @@ def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=
         noise = torch.randn((n, *model.latent_shape(resolution)), generator=g)  # the same for every row
         vals = []
         for i in range(0, n, batch):
+            if runs.stop_signalled():  # Ctrl-C / SIGTERM: stop within one batch
+                raise runs.Interrupted("a stop signal arrived during the evaluation")
             chunk = prompts[i:i + batch]
             out = sampler.sample(model, fm.encode_prompts(model, chunk), steps, guidance, sde=[], x=noise[i:i + batch])
-            img = fm.to_images(model, out["states"][:, -1])
-            vals.append(rewards.REWARDS[task](img, chunk))
+            img = fm.to_images(model, out["states"][:, -1]).float().cpu()
+            vals.append(rewards.metric(task)(img, chunk))
             if i == 0:
                 images.append(img[:8])
                 shown += [p["prompt"] for p in chunk[:8]]
         vals = torch.cat(vals)
-        scores[task] = (vals == 1).float().tolist() if task == "geneval" else vals.tolist()  # GenEval is strict
+        scores[task] = vals.tolist()
         if task == "geneval":
             scores["geneval_category"] = [p.get("tag") or mw.geneval_category(p["prompt"]) for p in prompts]
     return scores, torch.cat(images), shown
@@ -121,7 +141,8 @@ def category_markdown(raw):
     if not cats:
         return ""
     n = {c: next(got[c][1] for got in per_row.values() if c in got) for c in cats}
-    lines = ["| GenEval by category | " + " | ".join(f"{c} (n={n[c]})" for c in cats) + " |", "|---|" + "---|" * len(cats)]
+    lines = ["| GenEval by category | " + " | ".join(f"{CATEGORY_NAMES.get(c, c)} (n={n[c]})" for c in cats) + " |",
+             "|---|" + "---|" * len(cats)]
     lines += [f"| {name} | " + " | ".join(f"{got[c][0]:.3f}" if c in got else "-" for c in cats) + " |"
               for name, got in per_row.items()]
     return "\n".join(lines)
@@ -148,37 +169,214 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def curves(logs, table=None, teachers=TEACHERS):
+    """The seesaw as a picture: each metric's held-out score against the training step for each JSONL log (its
+    eval/* records: GRPO-Mix, Flow-OPD), the specialist teachers' and the base's final levels from a table.json as
+    dashed lines, and the student's velocity distance to each teacher (opd/vel_mse/*)."""
+    runs_ = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in logs}
+    rows = json.load(open(table))["rows"] if table else {}
+    panels = [(c, f"eval/{c}") for c, _ in COLUMNS] + [("velocity MSE to the teachers", "opd/vel_mse/")]
+    drawn = []
+    W, H, pad = 330, 240, 40
+    img = Image.new("RGB", (W * len(panels), H + 60), "white")
+    draw = ImageDraw.Draw(img)
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
+    for k, (title, key) in enumerate(panels):
+        x0 = k * W
+        lines = {}  # label -> [(step, value)]
+        for name, recs in runs_.items():
+            for r in recs:
+                for kk, v in r.items():
+                    if kk == key or (key.endswith("/") and kk.startswith(key)):
+                        label = name if kk == key else f"{name}: {kk[len(key):]}"
+                        lines.setdefault(label, []).append((r["step"], v))
+        levels = {f"{row} (final)": rows[row][title][0] for row in ("Base", teachers.get(title)) if title in rows.get(row, {})}
+        values = [v for pts in lines.values() for _, v in pts] + list(levels.values())
+        if not values:
+            continue
+        drawn.append(title)
+        lo, hi = min(values), max(values)
+        lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+        steps = [s for pts in lines.values() for s, _ in pts] or [0, 1]
+        sx = lambda s: x0 + pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (W - pad - 10)
+        sy = lambda v: 20 + (hi - v) / (hi - lo) * (H - 40)
+        draw.rectangle([x0 + pad, 20, x0 + W - 10, H - 20], outline="black")
+        draw.text((x0 + pad, 4), title, fill="black")
+        for v in (lo, hi):
+            draw.text((x0 + 2, sy(v) - 6), f"{v:.3g}", fill="black")
+        draw.text((x0 + pad, H - 16), f"step {min(steps)}", fill="black")
+        draw.text((x0 + W - 60, H - 16), f"{max(steps)}", fill="black")
+        legend = []
+        for i, (label, value) in enumerate(levels.items()):
+            color = (120, 120, 120) if label.startswith("Base") else (0, 0, 0)
+            for xs in range(x0 + pad, x0 + W - 10, 8):
+                draw.line([xs, sy(value), xs + 4, sy(value)], fill=color)
+            legend.append((label, color))
+        for i, (label, pts) in enumerate(sorted(lines.items())):
+            color = palette[i % len(palette)]
+            pts = sorted(pts)
+            draw.line([(sx(s), sy(v)) for s, v in pts] if len(pts) > 1 else [(sx(pts[0][0]), sy(pts[0][1]))] * 2,
+                      fill=color, width=2)
+            legend.append((label, color))
+        for i, (label, color) in enumerate(legend):
+            draw.text((x0 + pad, H + 2 + 11 * i), label[:48], fill=color)
+    if not any(t in drawn for t, _ in COLUMNS):
+        raise ValueError("the logs hold no held-out evaluation (eval/* records; train with --eval_every N)")
+    return img
+
+
+def paired(tables, a, b):
+    """Row a minus row b over the same prompts and noise, pooled over tables (seeds): {column: (mean, standard
+    error)}, and Avg's, whose error combines the four columns' (they are scored on different prompts)."""
+    out = {}
+    for name, task in COLUMNS:
+        d = torch.tensor([x - y for t in tables for x, y in zip(t["scores"][a][task], t["scores"][b][task])])
+        out[name] = (float(d.mean()), float(d.std() / math.sqrt(len(d))))
+    out["Avg"] = (sum(out[n][0] / rewards.SCALE[t] for n, t in COLUMNS) / 4,
+                  math.sqrt(sum((out[n][1] / rewards.SCALE[t]) ** 2 for n, t in COLUMNS)) / 4)
+    return out
+
+
+def pool(paths):
+    """Several seeds' table.json -> the mean table (+- the seeds' standard deviation) and the paired differences
+    the README quotes (95% interval = 1.96 standard errors)."""
+    tables = [json.load(open(p)) for p in paths]
+    names = [n for n in tables[0]["rows"] if all(n in t["rows"] for t in tables)]
+    if not names:
+        raise ValueError("the tables have no row in common")
+    cols = [c for c, _ in COLUMNS] + ["Avg"]
+    lines = [f"| Model ({len(tables)} seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for n in names:
+        cells = []
+        for c in cols:
+            v = torch.tensor([t["rows"][n][c][0] for t in tables])
+            s = float(v.std()) if len(v) > 1 else 0.0
+            cells.append(f"{float(v.mean()):.2f} ± {s:.2f}" if c in ("DeQA", "PickScore") else f"{float(v.mean()):.3f} ± {s:.3f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "| paired difference (pooled over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    pairs = [(a, b) for a, b in (("Flow-OPD (Merge)", "GRPO-Mix"), ("Flow-OPD (Merge)", "GRPO-GenEval"),
+                                 ("Flow-OPD (Merge)", "GRPO-OCR"), ("Flow-OPD (Merge)", "GRPO-PickScore"),
+                                 ("Flow-OPD (Merge)", "Flow-OPD (Merge) w/o MAR"), ("Flow-OPD (Merge)", "Merge+GRPO-Mix"),
+                                 ("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix"),
+                                 ("GRPO-Mix", "GRPO-GenEval"), ("GRPO-Mix", "GRPO-OCR"), ("GRPO-Mix", "GRPO-PickScore"),
+                                 ("GRPO-Mix", "GRPO-DeQA"), ("GRPO-GenEval", "Base"), ("GRPO-OCR", "Base"),
+                                 ("GRPO-PickScore", "Base"), ("GRPO-DeQA", "Base"))
+             if a in names and b in names]
+    for a, b in pairs:
+        d = paired(tables, a, b)
+        lines.append(f"| {a} - {b} | " + " | ".join(
+            f"{d[c][0]:+.3f} ± {1.96 * d[c][1]:.3f}" if c not in ("DeQA", "PickScore") else
+            f"{d[c][0]:+.2f} ± {1.96 * d[c][1]:.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def draw_curves(args):
+    """eval.py --curves LOG... [--table table.json] --out curves.png"""
+    for p in args.curves + ([args.table] if args.table else []):
+        if not os.path.isfile(p):
+            raise BadInput(f"{p} does not exist; give training logs (runs/*.jsonl) and an eval.py table.json")
+    if not args.out.endswith(".png"):
+        raise BadInput(f"--out {args.out}: with --curves, --out is the picture to write, a .png")
+    checkpoints.check_writable(args.out)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise BadInput(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
+    try:
+        picture = curves(args.curves, args.table)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
+        raise BadInput(f"cannot read the logs or the table ({type(e).__name__}: {e}); give JSONL training logs and "
+                       "an eval.py table.json") from None
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    picture.save(args.out)
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate checkpoints on the held-out prompts: the paper's Table 2.")
-    ap.add_argument("ckpts", nargs="+", help="base checkpoints or LoRA teachers/students (NAME=PATH to name a row)")
-    ap.add_argument("--model", default=None, help="the base for LoRA checkpoints (default: recorded in the LoRA)")
+    ap = runs.parser("Evaluate checkpoints on the held-out prompts: the paper's Table 2.")
+    ap.add_argument("ckpts", nargs="*", help="base checkpoints, LoRA teachers / students, or NAME=PATH to name a row "
+                    "(default name: the file name)")
+    ap.add_argument("--curves", nargs="+", default=None, metavar="LOG", help="instead: draw these training logs' held-out "
+                    "curves (with --table's teacher levels) into --out, a .png")
+    ap.add_argument("--table", default=None, help="with --curves: a table.json whose teachers and base give the levels")
+    ap.add_argument("--pool", nargs="+", default=None, metavar="TABLE", help="instead: pool several seeds' table.json "
+                    "into the mean table and the paired differences (95%% intervals)")
+    ap.add_argument("--model", default=None, help="the base for LoRA checkpoints (default: the one the LoRA records)")
     ap.add_argument("--n", type=int, default=128, help="held-out prompts per task")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="eval_out")
+    ap.add_argument("--steps", type=int, default=10, help="ODE steps per image")
+    ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale (1: none; SD3.5: 4.5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every row")
+    ap.add_argument("--out", default="eval_out", help="folder for table.md, table.json, compare.png and a grid per row")
+    ap.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier evaluation in --out")
     ap.add_argument("--batch", type=int, default=64, help="samples per forward")
     ap.add_argument("--resolution", type=int, default=512, help="SD3 image size (the mini world is 32x32)")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    ap.add_argument("--max_sequence_length", type=int, default=128, help="SD3: T5 prompt tokens (Flow-GRPO: 128)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="base weights (auto: bf16 "
+                    "for SD3 on CUDA)")
     ap.add_argument("--prompt_file", nargs="+", default=None, help="TASK=PATH or JSONL {prompt, task}: evaluate "
                     "these prompts (the first --n of each task) instead of the mini world's held-out ones")
-    rewards.add_args(ap)
+    real_rewards.add_args(ap)
     args = ap.parse_args(argv)
-    if args.n < 2:
-        raise BadInput(f"--n must be >= 2 prompts per task, got {args.n}")
-    sampler.check_sampling_args(args.steps, args.guidance, 0.0)
-    runs.check_writable(os.path.join(args.out, "table.md"))
+    if args.curves:
+        return draw_curves(args)
+    if args.pool:
+        for p in args.pool:
+            if not os.path.isfile(p):
+                raise BadInput(f"{p} does not exist; give eval.py's table.json of each seed")
+        try:
+            print(pool(args.pool))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
+            raise BadInput(f"cannot pool {args.pool} ({type(e).__name__}: {e}); give eval.py's table.json files") from None
+        return
+    if not args.ckpts:
+        raise BadInput("give checkpoints to evaluate (or --curves LOG... to draw training curves)")
+    runs.catch_signals()  # Ctrl-C / SIGTERM: stop within one batch, one line, nothing written
+    checkpoints.lock_out(os.path.join(args.out, "table.json"), 0, 1)  # one evaluation per --out at a time
+    runs.check_finite(args)
+    if not 2 <= args.n <= 10_000 or args.batch < 1:
+        raise BadInput(f"--n must be 2..10000 prompts per task and --batch >= 1, got {args.n} and {args.batch}")
+    if not args.out:
+        raise BadInput("--out is empty; give the folder to write the table and the grids to")
+    sampler.check_sampling_args(args.steps, args.guidance, 0.0, "--steps")
+    checkpoints.check_writable(os.path.join(args.out, "table.md"))
+    previous = os.path.join(args.out, "table.json")
+    if os.path.exists(previous) and not args.overwrite:
+        raise BadInput(f"{args.out} holds an earlier evaluation; pass --overwrite to replace it, or another --out")
+    named = [("", c) if os.path.exists(c) or "=" not in c else tuple(c.split("=", 1)) for c in args.ckpts]
+    named = [(name or os.path.basename(path.rstrip("/")).rsplit(".safetensors", 1)[0], path) for name, path in named]
+    slugs = [slug(n) for n, _ in named]
+    if any(len(s) > 100 for s in slugs):
+        raise BadInput(f"a row name of {max(map(len, slugs))} characters is too long for its picture's file name; "
+                       "give at most 100 with NAME=PATH")
+    twice = sorted({n for n, _ in named if slugs.count(slug(n)) > 1 or slug(n) in ("compare", "table")})
+    if twice:
+        raise BadInput(f"the row {twice[0]!r} would write the same picture as another row or compare.png "
+                       f"({slug(twice[0])}.png); name the rows apart with NAME=PATH")
+    earlier = []
+    if os.path.exists(previous):  # what an earlier evaluation wrote: only plain files of ours, in --out itself
+        try:
+            earlier = [f for f in json.load(open(previous))["files"] if f == os.path.basename(f) and
+                       (f.endswith(".png") or f in ("table.md", "table.json"))]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise BadInput(f"{previous} is damaged (an evaluation stopped while writing it?); delete {args.out} or "
+                           "choose another --out") from None
+    written = {os.path.realpath(os.path.join(args.out, f)) for f in
+               [f"{s}.png" for s in slugs] + earlier + ["compare.png", "table.md", "table.json"]}
+    for spec in [*(args.prompt_file or []), *(p for _, p in named)]:
+        path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
+        if os.path.realpath(path) in written:
+            raise BadInput(f"{path} is an input and would be written over by this evaluation; choose another --out")
+    sources = [(name, path, *row_source(path, args.model)) for name, path in named]  # every row checked first
     by_task = {}
     for spec in args.prompt_file or []:
-        for p in mw.read_prompt_file(spec):
+        for p in mw.read_prompt_file(spec, mini=all(base.endswith(".safetensors") for *_, base in sources)):
             by_task.setdefault(p["task"], []).append(p)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = fm.dtype_for(args.precision, device)
-    rewards.use_backends(args, device)
-    named = [c.split("=", 1) if "=" in c else (os.path.basename(c).rsplit(".", 1)[0], c) for c in args.ckpts]
+    for base in dict.fromkeys(base for *_, base in sources):
+        real_rewards.use_backends(args, mw.TASKS, base, device)
     rows, raw, pictures = {}, {}, {}
-    for name, path in named:
-        model = load_row(path, args.model, device, dtype)
+    for name, path, kind, base in sources:
+        model = load_row(path, kind, base, device, dtype, args.resolution)
+        model.max_sequence_length = args.max_sequence_length
         scores, images, shown = evaluate(model, args.n, args.steps, args.guidance, args.seed, args.batch,
                                          args.resolution, by_task)
         rows[name], raw[name], pictures[name] = summarise(scores), scores, images
@@ -187,14 +385,21 @@ def main(argv=None):
     cats = category_markdown(raw)
     table += "\n\n" + cats if cats else ""
     print("\n" + table)
+    if runs.stop_signalled():  # a Ctrl-C after the last batch: still nothing written
+        raise runs.Interrupted("a stop signal arrived")
+    for f in earlier:  # --overwrite: remove what the earlier evaluation wrote, and only that
+        if os.path.isfile(os.path.join(args.out, f)):
+            os.remove(os.path.join(args.out, f))
     os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
+    files = [f"{slug(name)}.png" for name in pictures] + ["compare.png", "table.md", "table.json"]
     for name, images in pictures.items():
-        sampler.grid(images, shown).save(os.path.join(args.out, "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".png"))
+        sampler.grid(images, shown).save(os.path.join(args.out, f"{slug(name)}.png"))
+    comparison(pictures, shown).save(os.path.join(args.out, "compare.png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "table.json"), "w") as f:
-        json.dump({"rows": rows, "scores": raw, "args": vars(args)}, f, indent=1)
-    comparison(pictures, shown).save(os.path.join(args.out, "compare.png"))
+    with open(os.path.join(args.out, "table.json.tmp"), "w") as f:  # complete, or the earlier one
+        json.dump({"rows": rows, "scores": raw, "args": vars(args), "files": files}, f, indent=1)
+    os.replace(os.path.join(args.out, "table.json.tmp"), os.path.join(args.out, "table.json"))
     print(f"wrote {args.out}/table.md, table.json, compare.png (the same prompts across rows) and a grid per row")
 
 

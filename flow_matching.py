@@ -8,7 +8,6 @@ Both run the same MMDiT, so velocity() is one function. A checkpoint is a plain 
 
 Eq. 1:  x_sigma = (1 - sigma) x_0 + sigma eps,   L_FM = E || v(x_sigma, sigma, c) - (eps - x_0) ||^2
 """
-import argparse
 import hashlib
 import json
 import math
@@ -22,6 +21,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from tqdm import tqdm
 
+import checkpoints
 import miniworld as mw
 import runs
 from runs import BadInput
@@ -29,7 +29,6 @@ from runs import BadInput
 MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
                    pooled_projection_dim=128, pos_embed_max_size=8)
-MAX_TOKENS = 10
 
 
 class MiniTextEncoder(nn.Module):
@@ -39,13 +38,13 @@ class MiniTextEncoder(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(len(mw.VOCAB), dim)
         # as large as the word embeddings: "47" vs "74" and "left of" differ only by position (0.02 gave OCR 0.18)
-        self.pos = nn.Parameter(torch.randn(MAX_TOKENS, dim))
+        self.pos = nn.Parameter(torch.randn(mw.MAX_TOKENS, dim))
         self.pool = nn.Linear(dim, pooled_dim)
 
     def forward(self, prompts):
-        ids = torch.zeros(len(prompts), MAX_TOKENS, dtype=torch.long)  # 0 = <pad>; "" is the null prompt
+        ids = torch.zeros(len(prompts), mw.MAX_TOKENS, dtype=torch.long)  # 0 = <pad>; "" is the null prompt
         for i, p in enumerate(prompts):
-            t = mw.tokenize(p)[:MAX_TOKENS]
+            t = mw.tokenize(p)[:mw.MAX_TOKENS]
             ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         seq = self.tok(ids.to(self.pos.device)) + self.pos  # (B, L, D)
         return seq, self.pool(seq.mean(1))                   # (B, L, D), (B, P)
@@ -60,6 +59,8 @@ class Model:
     source: str = ""
     config: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    scheduler: object = None        # the pipeline's FlowMatchEulerDiscreteScheduler: its sigma grid is ours
+    max_sequence_length: int = 128  # sd3: T5 tokens (Flow-GRPO's 128; the pipeline's default is 256)
 
     @property
     def device(self):
@@ -68,18 +69,36 @@ class Model:
     def latent_shape(self, resolution=None):
         if self.kind == "mini":
             return (3, 32, 32)
-        r = resolution or 512
-        return (self.transformer.config.in_channels, r // 8, r // 8)
+        r = (resolution or 512) // self.pipe.vae_scale_factor
+        return (self.transformer.config.in_channels, r, r)
+
+
+def mini_scheduler():
+    """The mini world samples on SD3's sigma grid: the scheduler of SD3's pipeline, with its config (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
 def new_mini_model(seed=0):
     torch.manual_seed(seed)
     from diffusers import SD3Transformer2DModel
-    return Model(SD3Transformer2DModel(**MINI_CONFIG), "mini", text_encoder=MiniTextEncoder(), config=dict(MINI_CONFIG))
+    return Model(SD3Transformer2DModel(**MINI_CONFIG), "mini", text_encoder=MiniTextEncoder(), config=dict(MINI_CONFIG),
+                 scheduler=mini_scheduler())
 
 
-def load_model(source, device="cpu", dtype=torch.float32):
-    """A mini checkpoint (.safetensors) or an SD3 pipeline (a diffusers directory or hub id)."""
+def check_resolution(source, resolution, transformer_config, vae_factor):
+    """An SD3 image side must be a positive multiple of the VAE's factor times the patch size (16 for SD3), and its
+    patches must fit the transformer's position embeddings (pos_embed_max_size)."""
+    unit = vae_factor * transformer_config["patch_size"]
+    largest = unit * transformer_config["pos_embed_max_size"]
+    if not (0 < resolution <= largest and resolution % unit == 0):
+        raise BadInput(f"--resolution {resolution} does not fit {source}: it must be a multiple of {unit} (VAE factor "
+                       f"{vae_factor} x patch {transformer_config['patch_size']}) between {unit} and {largest}")
+
+
+def load_model(source, device="cpu", dtype=torch.float32, resolution=512):
+    """A mini checkpoint (.safetensors) or an SD3 pipeline (a diffusers directory or hub id). For SD3, --resolution is
+    checked against the model (before loading when the directory is local)."""
     if source.endswith(".safetensors"):
         if not os.path.isfile(source):
             raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
@@ -95,7 +114,8 @@ def load_model(source, device="cpu", dtype=torch.float32):
                            "a LoRA teacher goes to --teachers, a base to --model")
         config = json.loads(meta["config"])
         from diffusers import SD3Transformer2DModel
-        model = Model(SD3Transformer2DModel(**config), "mini", text_encoder=MiniTextEncoder(), source=source, config=config)
+        model = Model(SD3Transformer2DModel(**config), "mini", text_encoder=MiniTextEncoder(), source=source, config=config,
+                      scheduler=mini_scheduler())
         try:
             model.transformer.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
             model.text_encoder.load_state_dict({k[13:]: v for k, v in tensors.items() if k.startswith("text_encoder.")})
@@ -109,25 +129,41 @@ def load_model(source, device="cpu", dtype=torch.float32):
     index = os.path.join(source, "model_index.json")
     if os.path.isfile(index):
         absent = {k: None for k, v in json.load(open(index)).items() if isinstance(v, list) and v[0] is None}
+        try:
+            t_cfg = json.load(open(os.path.join(source, "transformer", "config.json")))
+            vae_cfg = json.load(open(os.path.join(source, "vae", "config.json")))
+        except (OSError, ValueError):
+            t_cfg = None
+        if t_cfg:
+            check_resolution(source, resolution, t_cfg, 2 ** (len(vae_cfg["block_out_channels"]) - 1))
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(source, torch_dtype=dtype, **absent)
     except Exception as e:
         raise BadInput(f"cannot load {source!r} as a Stable Diffusion 3 pipeline ({type(e).__name__}: {str(e)[:200]}); "
                        "give a mini .safetensors checkpoint or a diffusers SD3 directory / hub id") from None
+    check_resolution(source, resolution, pipe.transformer.config, pipe.vae_scale_factor)
     pipe.to(device)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if m is not None:
             m.requires_grad_(False)
-    return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config))
+    return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config),
+                 scheduler=pipe.scheduler)
 
 
 def load_base(args, device):
     """The frozen base of a training run: --model in --precision (SD3 on CUDA: bf16 weights; LoRA and the SDE math
     stay float32), with --grad_ckpt."""
-    model = load_model(args.model, device, dtype_for(args.precision, device))
+    model = load_model(args.model, device, dtype_for(args.precision, device), args.resolution)
+    model.max_sequence_length = args.max_sequence_length
     if args.grad_ckpt:
         model.transformer.enable_gradient_checkpointing()
     return model
+
+
+def recorded_path(source):
+    """How an output records its base: an absolute path for a local file or folder (so that it resolves from any
+    working directory), a hub id as it is."""
+    return os.path.abspath(source) if os.path.exists(source) else source
 
 
 def dtype_for(precision, device):
@@ -143,7 +179,7 @@ def save_model(model, path, meta=None, transformer_state=None):
     sd.update({f"text_encoder.{k}": v for k, v in model.text_encoder.state_dict().items()})
     sd = {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
     meta = {"format": "flow-opd-mini", "config": json.dumps(model.config), **(meta or {})}
-    runs.atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
+    checkpoints.atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
 
 
 def fingerprint(model):
@@ -161,8 +197,17 @@ def fingerprint(model):
 # ----------------------------------------------------------------------------------------------- the three functions
 @torch.no_grad()
 def _encode_sd3(model, texts):
-    pe, _, pooled, _ = model.pipe.encode_prompt(texts, None, None, device=model.device, do_classifier_free_guidance=False)
+    pipe = model.pipe
+    for t in texts:  # the pipeline cuts a long prompt quietly (a logger warning); say it once, naming the window
+        for tok, window in ((pipe.tokenizer, pipe.tokenizer.model_max_length), (pipe.tokenizer_3, model.max_sequence_length)):
+            if tok is not None and len(tok(t).input_ids) > window:
+                mw.warn(f"prompt {t!r} is longer than the text encoder's window of {window} tokens and is cut there")
+    pe, _, pooled, _ = model.pipe.encode_prompt(texts, None, None, device=model.device, do_classifier_free_guidance=False,
+                                                max_sequence_length=model.max_sequence_length)
     return pe, pooled
+
+
+CACHE = 4096  # sd3 prompt embeddings kept (about 1.7 MB each for SD3.5 in bf16)
 
 
 def encode_prompts(model, prompts):
@@ -176,6 +221,9 @@ def encode_prompts(model, prompts):
     if missing:
         pe, pooled = _encode_sd3(model, missing)
         model.cache.update({t: (pe[i], pooled[i]) for i, t in enumerate(missing)})
+        for t in list(model.cache)[:max(0, len(model.cache) - CACHE)]:  # the oldest go (T5 embeddings are large)
+            if t not in texts and t != "":
+                del model.cache[t]
     seq = torch.stack([model.cache[t][0] for t in texts])
     pooled = torch.stack([model.cache[t][1] for t in texts])
     return {"seq": seq, "pooled": pooled, "null_seq": model.cache[""][0][None], "null_pooled": model.cache[""][1][None]}
@@ -186,8 +234,9 @@ def select(enc, idx):
     return {**enc, "seq": enc["seq"][idx], "pooled": enc["pooled"][idx]}
 
 
-def velocity(model, x, sigma, enc, guidance=1.0):
-    """v(x, sigma, c): (B, C, H, W), sigma a float or (B,). Classifier-free guidance as one batched forward."""
+def velocity(model, x, sigma, enc, guidance=1.0, detach_uncond=False):
+    """v(x, sigma, c): (B, C, H, W), sigma a float or (B,). Classifier-free guidance as one batched forward, the
+    unconditional half first as in StableDiffusion3Pipeline (detach_uncond: no gradient through that half)."""
     B = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
     dtype = next(model.transformer.parameters()).dtype
@@ -201,6 +250,7 @@ def velocity(model, x, sigma, enc, guidance=1.0):
                           pooled_projections=pooled.to(dtype), timestep=sigma * 1000, return_dict=False)[0].float()
     if guidance != 1.0:
         v_uncond, v_cond = v.chunk(2)
+        v_uncond = v_uncond.detach() if detach_uncond else v_uncond
         v = v_uncond + guidance * (v_cond - v_uncond)
     return v
 
@@ -243,36 +293,43 @@ def lr_at(step, steps, lr, warmup=200):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Pretrain the mini world's base model with flow matching (Eq. 1).")
-    ap.add_argument("--out", default="ckpts/base.safetensors")
-    ap.add_argument("--steps", type=int, default=2300)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap = runs.parser("Pretrain the mini world's base model with flow matching (Eq. 1).")
+    ap.add_argument("--out", default="ckpts/base.safetensors", help="the base checkpoint to write")
+    ap.add_argument("--steps", type=int, default=4600, help="training steps")
+    ap.add_argument("--batch", type=int, default=32, help="images per step")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
+    ap.add_argument("--ema", type=float, default=0.999, help="decay of the weights' EMA, which is what gets saved")
     ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the init, the data and the noise")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--save_every", type=int, default=500, help="resumable checkpoint every N steps")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --out")
+    ap.add_argument("--overwrite", action="store_true", help="start again over a finished (or stopped) run's --out")
     ap.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many NaN updates in a row")
     args = ap.parse_args(argv)
+    runs.check_finite(args)
     if min(args.steps, args.batch, args.save_every, args.max_bad_steps) < 1 or not args.lr > 0 \
-            or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1:
+            or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1 or args.threads < 0:
         raise BadInput("--steps, --batch, --save_every and --max_bad_steps must be >= 1, --lr > 0, "
-                       "0 <= --cfg_drop < 1, 0 <= --ema < 1")
+                       "0 <= --cfg_drop < 1, 0 <= --ema < 1, --threads >= 0 (0: torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs.check_writable(args.out)
+    checkpoints.check_out(args.out, {}, args.overwrite, args.resume, config=vars(args))
+    checkpoints.lock_out(args.out, 0, 1)
     runs.catch_signals()
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = new_mini_model(args.seed)
+    model.transformer.to(device), model.text_encoder.to(device)
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed), random.Random(args.seed)
     start = 0
     if args.resume:
-        tensors, meta, opt_state = runs.load_state(args.out, vars(args), loop_rngs=[rng])
+        tensors, meta, opt_state = checkpoints.load_state(args.out, vars(args), loop_rngs=[rng])
+        if meta["step"] > args.steps:
+            raise BadInput(f"--resume: the checkpoint is at step {meta['step']}, past --steps {args.steps}")
         opt.load_state_dict(opt_state)
         with torch.no_grad():
             for i, (p, e) in enumerate(zip(params, ema)):
@@ -287,9 +344,9 @@ def main(argv=None):
     bins, bad, t0 = (torch.zeros(4), torch.zeros(4)), 0, time.time()
     for step in tqdm(range(start, args.steps), desc="pretrain", initial=start, total=args.steps, mininterval=2):
         batch = [next(prompts) for _ in range(args.batch)]
-        x0 = from_images(model, torch.stack([mw.render(p["prompt"], rng, defects=True) for p in batch]))
+        x0 = from_images(model, torch.stack([mw.render(p["prompt"], rng, defects=True) for p in batch])).to(device)
         texts = ["" if rng.random() < args.cfg_drop else p["prompt"] for p in batch]
-        sigma = torch.sigmoid(torch.randn(args.batch))
+        sigma = torch.sigmoid(torch.randn(args.batch)).to(device)
         loss = flow_matching_loss(model, x0, encode_prompts(model, texts), sigma)  # Eq. 1
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -304,9 +361,9 @@ def main(argv=None):
                 decay = min(args.ema, (1 + step) / (10 + step))  # warm up, or the random init lingers in the average
                 for e, p in zip(ema, params):
                     e.lerp_(p, 1 - decay)
-                b = (sigma * 4).long().clamp(max=3)
-                bins[0].index_add_(0, b, loss.detach())
-                bins[1].index_add_(0, b, torch.ones_like(loss))
+                b = (sigma * 4).long().clamp(max=3).cpu()
+                bins[0].index_add_(0, b, loss.detach().cpu())
+                bins[1].index_add_(0, b, torch.ones(len(b)))
         if (step + 1) % 200 == 0 or step + 1 == args.steps:
             by_bin = " ".join(f"{v:.3f}" for v in (bins[0] / bins[1].clamp(min=1)).tolist())
             tqdm.write(f"step {step + 1:5d}  loss {float(bins[0].sum() / bins[1].sum()):.4f}  "
@@ -316,9 +373,9 @@ def main(argv=None):
         stop = runs.stop_requested(1)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             tensors = {**{f"param.{i}": p for i, p in enumerate(params)}, **{f"ema.{i}": e for i, e in enumerate(ema)}}
-            runs.save_state(args.out, step + 1, tensors, opt.state_dict(), {"config": vars(args)}, loop_rngs=[rng])
+            checkpoints.save_state(args.out, step + 1, tensors, opt.state_dict(), {"config": vars(args)}, loop_rngs=[rng])
         if stop:
-            print(f"stopped by {runs.STOP['signal']} after step {step + 1}; `python flow_matching.py --resume` continues")
+            print(f"stopped by {runs.STOP['signal']} after step {step + 1}; the same command with --resume continues")
             return
     with torch.no_grad():
         for e, p in zip(ema, params):

@@ -1,20 +1,23 @@
 """The mini world: a procedural text-to-image world with the paper's four tasks at toy scale (32x32 RGB).
 
-  geneval   : shapes with colours, counts and positions      ("a red circle left of a blue square")
+  geneval   : five shapes with colours, counts and positions  ("a red circle left of a blue ring", "three diamonds")
   ocr       : one or two digits                               ('the text "47"')
   pickscore : a scene to be liked                             ("a yellow circle over the sea at sunset")
   deqa      : a scene to be rendered cleanly                  ("the hills at night")
 
-The renderer draws what a prompt says. `render(..., defects=True)` makes the pretraining data imperfect on purpose
-(wrong counts, swapped colours, wrong digits, blur, noise, clutter, dull colours), so the base model that learns from
-it has headroom on every metric, the way SD3.5-M starts at GenEval 0.63 and OCR 0.59. Evaluation prompts are a
-fixed, seeded hold-out that `train_prompts` never returns. The scorers for these images live in rewards.py.
+The renderer draws what a prompt says, as a sign painter would: digits and shapes are pixel art on the model's
+4-px patch grid (glyphs in 4-px blocks, shapes in 2-px blocks) and each composition has one layout per object
+count, so the 2.3M-parameter model learns which shapes, colours, counts and digits to draw in minutes of CPU.
+`render(..., defects=True)` makes the pretraining data imperfect on purpose (wrong counts, colours, shapes and
+digits, swapped relations, blur, noise, clutter, dull colours), so the base model that learns from it has headroom
+on every metric, the way SD3.5-M starts at GenEval 0.63 and OCR 0.59. Evaluation prompts are a fixed, seeded
+hold-out that `train_prompts` never returns. The scorers for these images live in rewards.py.
 Images are float tensors (3, 32, 32) in [0, 1].
 """
 import json
 import os
-import math
 import random
+import re
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +29,15 @@ SIZE = 32
 TASKS = ("geneval", "ocr", "pickscore", "deqa")
 COLORS = {"red": (0.90, 0.15, 0.15), "green": (0.15, 0.78, 0.20), "blue": (0.20, 0.30, 0.95),
           "yellow": (0.95, 0.85, 0.10), "purple": (0.70, 0.20, 0.85)}
-SHAPES = ("circle", "square", "triangle")
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+# a shape whose colour the prompt leaves open has its usual one, as a banana is yellow (one image per prompt
+# rather than five: the model learns shapes, not an average of colours)
+SHAPES = ("circle", "square", "triangle", "diamond", "ring")  # five classes, as GenEval's objects: enough to hold out
+USUAL_COLOR = {"circle": "red", "square": "blue", "triangle": "green", "diamond": "yellow", "ring": "purple"}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "ring": "rings"}
 NUMBERS = {"two": 2, "three": 3, "four": 4}
 RELATIONS = ("left of", "right of", "above", "below")
-TIMES = {"dawn": ((0.45, 0.55, 0.85), (0.97, 0.75, 0.55)), "noon": ((0.25, 0.50, 0.95), (0.60, 0.80, 0.97)),
-         "sunset": ((0.45, 0.20, 0.50), (0.97, 0.50, 0.20)), "night": ((0.03, 0.04, 0.14), (0.12, 0.14, 0.32))}
+TIMES = {"dawn": ((0.45, 0.55, 0.85), (0.97, 0.75, 0.55)), "noon": ((0.45, 0.62, 0.90), (0.60, 0.80, 0.97)),
+         "sunset": ((0.45, 0.20, 0.50), (0.92, 0.60, 0.45)), "night": ((0.03, 0.04, 0.14), (0.12, 0.14, 0.32))}
 SCENES = {"sea": (0.10, 0.30, 0.70), "hills": (0.20, 0.60, 0.20), "desert": (0.85, 0.70, 0.40),
           "forest": (0.05, 0.35, 0.12), "snow": (0.90, 0.92, 0.95), "field": (0.70, 0.75, 0.20)}
 FONT = {"0": "111101101101111", "1": "110010010010111", "2": "111001111100111", "3": "111001111001111",
@@ -53,7 +59,8 @@ def tokenize(text):
         parts = list(w) if w.isdigit() else [w]
         for p in parts:
             if p not in VOCAB:
-                raise BadInput(f"the mini world has no word {p!r} (prompt {text!r}); its vocabulary is in miniworld.VOCAB")
+                raise BadInput(f"the mini world has no word {p[:40]!r} (prompt {short(text)}); its vocabulary is in "
+                               "miniworld.VOCAB")
             toks.append(VOCAB.index(p))
     return toks
 
@@ -91,13 +98,13 @@ def all_prompts(task):
 
 def _split(task):
     """(held-out, train) prompts. GenEval's are split within each category and come as {category: prompts}, so
-    that both sides weigh the six categories equally, as GenEval's score does (colour attribution alone is 120 of
-    the grammar's 213 prompts)."""
+    that both sides weigh the six categories equally, as GenEval's score does (colour attribution alone is 400 of
+    the grammar's 620 prompts)."""
     if task == "geneval":
         held, train = {}, {}
         for cat, prompts in geneval_categories().items():
             random.Random(f"heldout-geneval-{cat}").shuffle(prompts)
-            n_eval = max(1, len(prompts) // 5)
+            n_eval = max(2, len(prompts) // 4)  # single object: 2 of 5 shapes held out; two objects: 5 of 20
             held[cat], train[cat] = prompts[:n_eval], prompts[n_eval:]
         return held, train
     prompts = all_prompts(task)
@@ -126,10 +133,9 @@ def eval_prompts(task, n=64):
     return [{"prompt": _pick(held, i), "task": task} for i in range(n)]
 
 
-# Pretraining's task mix: composition and text, the hard tasks, a third each; pickscore and deqa, which share one
-# scene grammar, a sixth each. The base it gives: GenEval 0.32 / OCR 0.43 (GenEval by category: single object 0.64,
-# colours 0.67, position 0.24, two objects 0.18, counting 0.10, colour attribution 0.10).
-PRETRAIN_MIX = ("geneval", "ocr", "pickscore", "geneval", "ocr", "deqa")
+# Pretraining's task mix: composition, the hardest to learn, half; text a sixth (it is learnt fast); pickscore and
+# deqa, which share one scene grammar, a sixth each.
+PRETRAIN_MIX = ("geneval", "ocr", "geneval", "pickscore", "geneval", "deqa")
 
 
 def train_prompts(tasks=TASKS, seed=0):
@@ -141,12 +147,12 @@ def train_prompts(tasks=TASKS, seed=0):
             yield {"prompt": _pick(pools[t], 0, rng), "task": t}
 
 
-def prompt_stream(prompt_files, tasks, seed):
-    """An endless, seeded stream of training prompts of these tasks: the prompt files' (read and checked now, not at
-    the first step), or the mini world's."""
+def prompt_stream(prompt_files, tasks, seed, mini=True):
+    """An endless, seeded stream of training prompts of these tasks: the prompt files' (read, and every prompt
+    checked, now: not when it is first drawn, maybe on one rank only), or the mini world's."""
     if not prompt_files:
         return train_prompts(tasks, seed=seed)
-    ps = [p for spec in prompt_files for p in read_prompt_file(spec) if p["task"] in tasks]
+    ps = [p for spec in prompt_files for p in read_prompt_file(spec, mini) if p["task"] in tasks]
     if not ps:
         raise BadInput(f"{' '.join(prompt_files)} hold no prompts of task(s) {tasks}")
 
@@ -156,15 +162,27 @@ def prompt_stream(prompt_files, tasks, seed):
     return stream()
 
 
-def read_prompt_file(spec):
+def short(text, n=80):
+    """A prompt as quoted in a message: at most n characters."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + f"... ({len(text)} characters)"
+
+
+def read_prompt_file(spec, mini=True):
     """Prompts with task labels from a file. Either JSONL lines {"prompt": ..., "task": ...}, or TASK=PATH: every
     prompt of PATH gets the label TASK, PATH being a .txt (one prompt per line) or a .jsonl with a "prompt" field:
-    Flow-GRPO's layout (ocr/train.txt, pickscore/train.txt, geneval/train_metadata.jsonl). One clear error else."""
+    Flow-GRPO's layout (ocr/train.txt, pickscore/train.txt, geneval/train_metadata.jsonl). Every prompt is checked
+    (check_prompt); one clear error names the first bad line."""
     task, path = spec.split("=", 1) if "=" in spec and not os.path.exists(spec) else (None, spec)
+    st = os.stat(path) if os.path.exists(path) else None
+    key = (spec, mini, st and (st.st_ino, st.st_mtime_ns, st.st_size))
+    if key in READ:  # read once per run: a pipe (<(...)) can be read only once
+        return READ[key]
     if task is not None and task not in TASKS:
         raise BadInput(f"--prompt_file {spec}: unknown task {task!r}; choose from {', '.join(TASKS)}")
     try:
-        lines = open(path).read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().splitlines()  # -sig: a byte-order mark is not a word
+    except UnicodeDecodeError as e:
+        raise BadInput(f"prompt file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise BadInput(f"cannot read prompt file {path}: {e.strerror}") from None
     out = []
@@ -177,14 +195,53 @@ def read_prompt_file(spec):
         try:
             rec = json.loads(line)
             assert isinstance(rec, dict) and isinstance(rec["prompt"], str) and (task or rec["task"]) in TASKS
-        except (ValueError, KeyError, AssertionError, TypeError):
+        except (ValueError, KeyError, AssertionError, TypeError, RecursionError):
             want = '{"prompt": str}' if task else f'{{"prompt": str, "task": one of {list(TASKS)}}}'
             raise BadInput(f"{path}:{i}: expected a JSON line {want} (or give TASK=PATH)") from None
         out.append({"prompt": rec["prompt"], "task": task or rec["task"],
                     **({"tag": rec["tag"]} if isinstance(rec.get("tag"), str) else {})})  # GenEval's category
+    for i, p in enumerate(out):
+        check_prompt(p, mini, f"{path}: prompt {i + 1}")
     if not out:
         raise BadInput(f"{path}: the prompt file is empty")
+    long = [p["prompt"] for p in out if mini and len(tokenize(p["prompt"])) > MAX_TOKENS]
+    if long:
+        warn(f"{len(long)} prompt(s) of {path} are longer than the mini text encoder's {MAX_TOKENS} tokens and are "
+             f"cut there, e.g. {short(long[0])}")
+    READ[key] = out
     return out
+
+
+READ = {}
+
+
+MAX_TOKENS = 10  # the mini text encoder's window
+
+
+def warn(message, _said=set()):
+    """A warning on stderr, once per message."""
+    if message not in _said:
+        _said.add(message)
+        import sys
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def check_prompt(p, mini, where="prompt"):
+    """A prompt its task's reward can score: for the mini world, a sentence of its grammar with the label's task;
+    for real models, an OCR prompt needs its text in quotes (the OCR reward reads the quoted text)."""
+    text, task = p["prompt"], p["task"]
+    if not text.strip():
+        raise BadInput(f"{where} is empty")
+    if task == "ocr" and not re.search(r'"[^"]+"', text):
+        raise BadInput(f"{where} {short(text)} is labelled ocr but quotes no text to render (write it in double quotes)")
+    if mini:
+        tokenize(text)
+        if text not in GRAMMAR.setdefault(task, set(all_prompts(task))):
+            raise BadInput(f"{where} {short(text)} is not a {task} prompt of the mini world's grammar (see "
+                           f"miniworld.all_prompts('{task}'))")
+
+
+GRAMMAR = {}  # task -> the set of its prompts
 
 
 def parse(text):
@@ -215,18 +272,26 @@ def parse(text):
 
 
 # ----------------------------------------------------------------------------------------------- drawing
-_yy, _xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+_yy16, _xx16 = torch.meshgrid(torch.arange(SIZE // 2) + 0.5, torch.arange(SIZE // 2) + 0.5, indexing="ij")
 
 
 def shape_mask(shape, cx, cy, r):
-    """Boolean (32, 32) mask of a shape of half-size r centred at (cx, cy)."""
+    """Boolean (32, 32) mask of a shape of half-size r (px) centred at (cx, cy), drawn in 2-px blocks: a shape is
+    pixel art on a 16x16 grid, so that each of the model's 4-px patches holds 2x2 blocks rather than a curve."""
+    x, y, cx, cy, r = _xx16, _yy16, cx / 2, cy / 2, r / 2
     if shape == "circle":
-        return (_xx - cx) ** 2 + (_yy - cy) ** 2 <= r * r
-    if shape == "square":
-        return ((_xx - cx).abs() <= r) & ((_yy - cy).abs() <= r)
-    # triangle: apex up, base down; width shrinks linearly to the apex
-    t = (_yy - (cy - r)) / (2 * r)
-    return (t >= 0) & (t <= 1) & ((_xx - cx).abs() <= r * t)
+        cells = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    elif shape == "square":
+        cells = ((x - cx).abs() <= r) & ((y - cy).abs() <= r)
+    elif shape == "diamond":  # a square standing on a corner, as wide as the others
+        cells = (x - cx).abs() + (y - cy).abs() <= r
+    elif shape == "ring":     # a circle with a hole of half its radius
+        d2 = (x - cx) ** 2 + (y - cy) ** 2
+        cells = (d2 <= r * r) & (d2 >= (0.5 * r) ** 2)
+    else:                     # triangle: apex up, base down; width grows linearly from the apex
+        t = (y - (cy - r)) / (2 * r)
+        cells = (t >= 0) & (t <= 1) & ((x - cx).abs() <= r * t)
+    return cells.repeat_interleave(2, 0).repeat_interleave(2, 1)
 
 
 def paint(img, mask, color):
@@ -239,23 +304,12 @@ def _background(rng):
     return (torch.full((3, SIZE, SIZE), g) + ramp).clamp(0, 1)
 
 
-def _place(rng, sizes, rel=None, tries=500):
-    """Centres for objects of half-sizes `sizes`, apart, with `rel` holding between the first two."""
-    for _ in range(tries):
-        pts = []
-        for r in sizes:  # one at a time, so four objects still fit
-            for _ in range(50):
-                p = (rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1))
-                if all(math.dist(p, q) > 1.3 * (r + rq) + 1.5 for q, rq in zip(pts, sizes)):  # squares' corners too
-                    pts.append(p)
-                    break
-        ok = len(pts) == len(sizes)
-        if rel and ok:
-            (ax, ay), (bx, by) = pts[0], pts[1]
-            ok = {"left of": bx - ax > 8, "right of": ax - bx > 8, "above": by - ay > 8, "below": ay - by > 8}[rel]
-        if ok:
-            return pts
-    raise RuntimeError("could not place objects")
+# Where objects go: like the text, a composition has one layout per object count (the relation picks the
+# order), so that the model spends its capacity on which shapes, colours and counts to draw rather than on where.
+LAYOUTS = {1: [(16, 16)], 2: [(8, 16), (24, 16)], 3: [(16, 8), (8, 24), (24, 24)], 4: [(8, 8), (24, 8), (8, 24), (24, 24)],
+           5: [(6, 6), (26, 6), (6, 26), (26, 26), (16, 16)]}  # five: a miscount in the data (smaller shapes)
+RELATION_LAYOUT = {"left of": [(8, 16), (24, 16)], "right of": [(24, 16), (8, 16)], "above": [(16, 8), (16, 24)],
+                   "below": [(16, 24), (16, 8)]}
 
 
 def render_geneval(spec, rng):
@@ -263,12 +317,11 @@ def render_geneval(spec, rng):
     objs = []  # (shape, colour)
     for shape, color, count in spec["objects"]:
         objs += [(shape, color)] * count
-    used = {c for _, c in objs if c}
-    free = [c for c in COLORS if c not in used]
-    objs = [(s, c or rng.choice(free)) for s, c in objs]
-    r = 5.5 if len(objs) <= 2 else 4.0
-    for (shape, color), (cx, cy) in zip(objs, _place(rng, [r] * len(objs), spec["relation"])):
-        paint(img, shape_mask(shape, cx, cy, r * rng.uniform(0.9, 1.1)), COLORS[color])
+    objs = [(s, c or USUAL_COLOR[s]) for s, c in objs]
+    r = 6 if len(objs) <= 4 else 4
+    places = RELATION_LAYOUT[spec["relation"]] if spec["relation"] and len(objs) == 2 else LAYOUTS[len(objs)]
+    for (shape, color), (cx, cy) in zip(objs, places):
+        paint(img, shape_mask(shape, cx, cy, r), COLORS[color])
     return img
 
 
@@ -305,10 +358,10 @@ def render_general(spec, rng):
         for x in range(3, SIZE, 7):
             paint(img, shape_mask("triangle", x + rng.uniform(-1, 1), horizon - 1, 3), (0.04, 0.28, 0.10))
     sun = (0.95, 0.92, 0.75) if spec["time"] == "night" else (0.97, 0.85, 0.30)
-    paint(img, shape_mask("circle", rng.uniform(4, 28), rng.uniform(3, 7), 2), sun)  # smaller than any object
+    paint(img, shape_mask("circle", rng.choice([4, 6, 8, 24, 26, 28]), 4, 2), sun)  # off to a side, smaller than any object
     if spec["object"]:
         shape, color, _ = spec["object"]
-        paint(img, shape_mask(shape, rng.uniform(8, 24), horizon - 7, 4), COLORS[color])
+        paint(img, shape_mask(shape, 16, 2 * ((horizon - 7) // 2), 6), COLORS[color])  # in the middle, over the horizon
     return img
 
 
@@ -351,11 +404,16 @@ def corrupt(text, rng):
     return None
 
 
+WRONG = {"geneval": 0.35, "ocr": 0.15}  # how often pretraining shows a composition / a text drawn wrong
+DEGRADED = {"geneval": 0.25, "ocr": 0.25, "pickscore": 0.5, "deqa": 0.5}  # ... an image blurred, noisy, dull, cluttered
+
+
 def render(text, rng=None, defects=False):
-    """Draw a prompt. With defects=True about a third of images come out wrong or degraded, on purpose."""
+    """Draw a prompt. With defects=True, images come out wrong (WRONG) or degraded (DEGRADED) on purpose."""
     rng = rng or random.Random()
     spec = parse(text)
-    if defects and rng.random() < 0.15 and spec["task"] in ("geneval", "ocr"):
+    task = {"general": "pickscore"}.get(spec["task"], spec["task"])
+    if defects and rng.random() < WRONG.get(spec["task"], 0):
         spec = corrupt(text, rng)
     if spec["task"] == "geneval":
         img = render_geneval(spec, rng)
@@ -363,7 +421,7 @@ def render(text, rng=None, defects=False):
         img = render_ocr(spec["text"], rng)
     else:
         img = render_general(spec, rng)
-    if defects and rng.random() < 0.25:
+    if defects and rng.random() < DEGRADED[task]:
         kind = rng.choice(["blur", "noise", "dull", "clutter"])
         if kind == "blur":
             img = blur(img)

@@ -1,36 +1,36 @@
 """Stage 2: Flow-OPD. Distil several LoRA teachers into one student by on-policy distillation (Eq. 7-12).
 
-    torchrun --nproc_per_node=8 opd_student.py --teachers ckpts/teachers/*
+    torchrun --nproc_per_node=8 opd_student.py --teachers ckpts/*
     python opd_student.py --teachers geneval=A.safetensors ocr=B.safetensors pickscore=C --anchor D --init merge
 
 One step, top to bottom:
   1. the student samples its own SDE trajectories (Eq. 5-6)
   2. each prompt is routed to the one teacher of its task label, k(c) (Eq. 7)
   3. that teacher's velocity v* at every state the student visited
-  4. the dense reward r_t = -lambda_t || sg[v_theta] - v* ||^2, lambda_t = (-dt) kappa_t^2 / (2 s_t^2) (Eq. 9-10),
-     which is exactly the KL between the student's and the teacher's Gaussian steps
-  5. the update: Eq. 11 with an advantage built from step 4 (or, by default, its expectation in closed form: the
-     gradient of Eq. 9's KL), plus MAR toward the frozen quality anchor (Eq. 12, mar.py)
+  4. the dense reward r_t = -lambda_t || sg[v_theta] - v* ||^2 (Eq. 9-10): minus the KL between the student's and the
+     teacher's Gaussian steps, here on Flow-GRPO's scale (per dimension, / 2 s_t^2; ../shared/DECISIONS.md, 1)
+  5. the update: Eq. 11 with an advantage built from step 4 (by default, its expectation in closed form: the
+     gradient of the KL itself), plus MAR toward the frozen quality anchor (Eq. 12, mar.py), as Flow-GRPO updates
 
-Advantages (--advantage), three estimators of the gradient of Eq. 9's KL at the visited states:
-  analytic (default)  the loss is Eq. 9's KL itself, gradient through mu_theta, as Eq. 12 treats the anchor: the
-                      closed-form expectation of `logratio` (Rao-Blackwellised), so the same gradient without the noise.
+Estimators (--advantage) of the gradient of the KL at the visited states:
+  analytic (default)  the loss is the step's KL itself, gradient through mu_theta, as Eq. 12 treats the anchor. This
+                      is what the official code computes: its advantage is -KL from the gradient-carrying forward,
+                      so its gradient is the KL's own (its ratio is 1 at the first update).
+  rtg                 analytic plus the return-to-go term that the exact gradient of the trajectory KL
+                      KL(P_theta || P*) adds: Eq. 11 with A_t = the sum of the later steps' dense rewards.
   logratio            A_t = log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t) in Eq. 11: E[A_t] = r_t, and its policy
-                      gradient is -grad KL, the per-token reverse KL of LLM on-policy distillation (Eq. 2). Unbiased,
-                      but its signal is eps . (mu_old - mu*) summed over all D dimensions: measured on the mini world,
-                      100 steps moved the student a fraction of what 10 analytic steps do, and lr 3e-3 diverged.
-  paper               A_t = r_t (the official code). r_t is a function of the state x_t only, and the ratio scores
-                      the action x_t -> x_t+1, so E[r_t grad log pi(x_t+1 | x_t)] = 0: the step's own KL gets no push.
-test_all.py checks all three against the closed-form gradient.
+                      gradient is -grad KL, the per-token reverse KL of LLM on-policy distillation (Eq. 2); unbiased
+                      but noisy (a dot product of the noise with mu_old - mu* over all D dimensions).
+  paper               A_t = r_t detached, the paper's text. r_t is a function of x_t only and the ratio scores the
+                      action x_t -> x_t+1, so E[r_t grad log pi(x_t+1 | x_t)] = 0: the step's own KL gets no push.
+test_all.py checks them against the closed-form gradient.
+--query low queries the teacher at one low-noise state per rollout with plain velocity MSE (DanceOPD) instead.
 
 By default the deqa (quality) teacher is the MAR anchor and not a routed task, as in the paper (GenEval, OCR and
-PickScore routed; --tasks adds deqa).
-
-Teachers are LoRA adapters on the one frozen base in memory; every trained step runs one forward per teacher on
-the samples routed to it. The student is one more adapter (rank sum r_k after a merge cold start), or with --full a
-full copy of the base, sharded with FSDP under torchrun.
+PickScore routed). "w/o MAR" is the official ablation: --anchor base, the same beta KL to the frozen base.
+Teachers, the anchor and the student are LoRA adapters on the one frozen base in memory; or, with --full, the
+student is a full copy of the base, sharded with FSDP under torchrun.
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -40,15 +40,16 @@ import shutil
 import time
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
+import checkpoints
 import flow_matching as fm
 import grpo_teacher as grpo
 import lora
 import mar
 import merge
 import miniworld as mw
+import real_rewards
 import runs
 import sde_sampler as sampler
 from runs import BadInput
@@ -58,58 +59,23 @@ from runs import BadInput
 def kappa_lambda(sigmas, t, noise_level):
     """kappa_t = 1 + s_t^2 (1 - sigma_t) / (2 sigma_t),  lambda_t = (-dt) kappa_t^2 / (2 s_t^2)   (Eq. 9)."""
     sigma, sigma_next = float(sigmas[t]), float(sigmas[t + 1])
-    _, s = sampler.noise_std(sigma, sigma_next, noise_level, float(sigmas[1]))
+    s, _ = sampler.step_noise(sigmas, t, noise_level)
     kappa = 1 + s ** 2 * (1 - sigma) / (2 * sigma)
     return kappa, (sigma - sigma_next) * kappa ** 2 / (2 * s ** 2)
 
 
 def dense_reward(v_student, v_target, sigmas, t, noise_level):
-    """Eq. 10: r_t = -lambda_t || sg[v_theta] - v* ||^2 (summed over dimensions): minus Eq. 9's KL. (B,)"""
+    """Eq. 10: r_t = -lambda_t || sg[v_theta] - v* ||^2 = minus Eq. 9's KL, as the losses weigh it: per dimension and
+    times (-dt) (Flow-GRPO's scale, sampler.kl). (B,) Times D / (-dt) it is the paper's r_t (tested)."""
     _, lam = kappa_lambda(sigmas, t, noise_level)
-    return -lam * ((v_student.detach().float() - v_target.float()) ** 2).flatten(1).sum(1)
+    dt = float(sigmas[t] - sigmas[t + 1])
+    return -dt * lam * ((v_student.detach().float() - v_target.float()) ** 2).flatten(1).mean(1)
 
 
-def read_meta(path):
-    """Our metadata of a LoRA file ({} for a peft dir); None if the file is not a LoRA at all."""
-    if os.path.isdir(path):
-        return {} if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
-    try:
-        with safe_open(path, "pt") as f:
-            m = f.metadata() or {}
-    except Exception:
-        return None
-    return json.loads(m.get("flow_opd", "{}")) if m.get("format") == "flow-opd-lora" else None
-
-
-def resolve_teachers(specs):
-    """--teachers entries (PATH, or LABEL=PATH) -> routes {task label: path} (Eq. 7's k(c)), and what was skipped.
-    A file that is not a teacher (a merge, a GRPO-Mix, a student, not a LoRA) is skipped and said so."""
-    routes, skipped = {}, []
-    for spec in specs:
-        label, path = (None, spec)
-        if "=" in spec and not os.path.exists(spec):
-            label, path = spec.split("=", 1)
-        path = lora.fetch_adapter(path)
-        if not os.path.exists(path):
-            raise BadInput(f"teacher {path} does not exist; train one with `python grpo_teacher.py --reward TASK`")
-        meta = read_meta(path)
-        if meta is None:
-            if label:
-                raise BadInput(f"{path} is not a LoRA adapter; a teacher is a grpo_teacher.py output or a peft dir")
-            skipped.append((path, "not a LoRA adapter"))
-            continue
-        if label is None and meta.get("role") != "teacher":
-            skipped.append((path, f"role {meta.get('role', 'unknown')!r}, not a teacher (name it LABEL=PATH to use it)"))
-            continue
-        tasks = [label] if label else meta.get("tasks", [])
-        for task in tasks:
-            if task in routes:
-                raise BadInput(f"two teachers claim task {task!r}: {routes[task]} and {path}; keep one, or "
-                                  f"route explicitly with {task}=PATH")
-            routes[task] = path
-    if not routes:
-        raise BadInput(f"no teachers among {specs}; give grpo_teacher.py outputs or LABEL=PATH")
-    return routes, skipped
+def return_to_go(reward):
+    """(B, T) dense rewards -> (B, T): the sum of each step's later rewards (the exact trajectory-KL gradient's
+    extra advantage)."""
+    return reward.flip(1).cumsum(1).flip(1) - reward
 
 
 def route(prompts, routes):
@@ -118,7 +84,7 @@ def route(prompts, routes):
     for i, p in enumerate(prompts):
         if p["task"] not in routes:
             raise BadInput(f"task label {p['task']!r} has no teacher (teachers cover {sorted(routes)}); "
-                              f"add --teachers {p['task']}=PATH or drop those prompts")
+                           f"add --teachers {p['task']}=PATH or drop those prompts")
         groups.setdefault(p["task"], []).append(i)
     return groups
 
@@ -134,11 +100,10 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
     return v_star
 
 
-# ----------------------------------------------------------------------------------------------- cold start
-def sft_cold_start(model, student, params, routes, tasks, args, device):
+def sft_cold_start(model, student, params, routes, tasks, args, device, world=1):
     """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student."""
     opt = torch.optim.AdamW(params, lr=args.sft_lr)
-    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed)
+    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=model.kind == "mini")
     pool = []
     for i in tqdm(range(0, args.sft_samples, args.micro_batch), desc="sft: teacher samples", leave=False):
         prompts = [next(stream) for _ in range(min(args.micro_batch, args.sft_samples - i))]
@@ -146,11 +111,15 @@ def sft_cold_start(model, student, params, routes, tasks, args, device):
             lora.set_adapter(model.transformer, f"teacher:{task}")
             enc = fm.encode_prompts(model, [prompts[j] for j in idx])
             g = torch.Generator().manual_seed(args.seed * 7919 + i)
-            out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g)
+            out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g,
+                                 resolution=args.resolution)
             pool += [(prompts[j], out["states"][k, -1]) for k, j in enumerate(idx)]
-    lora.set_adapter(student.transformer, "student")
+    if not args.full:
+        lora.set_adapter(student.transformer, "student")
     rng = random.Random(args.seed)
     for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
+        if runs.stop_requested(world, device):  # every rank agrees, or FSDP's collectives hang
+            raise runs.Interrupted("a stop signal arrived during the SFT cold start")
         batch = rng.sample(pool, min(args.micro_batch, len(pool)))
         x0 = torch.stack([x for _, x in batch]).to(device)
         loss = fm.flow_matching_loss(student, x0, fm.encode_prompts(model, [p for p, _ in batch])).mean()
@@ -159,27 +128,17 @@ def sft_cold_start(model, student, params, routes, tasks, args, device):
         opt.step()
 
 
-# ----------------------------------------------------------------------------------------------- --full
-def full_student(model, transformer, pairs, world):
-    """--full: the student is a full copy of the base in float32, cold-started by folding the merged teachers'
-    deltas (B A, already scaled) into its weights; under torchrun sharded with FSDP (runs.fsdp_shard)."""
+def full_student(model, transformer, pairs, scale, world):
+    """--full: the student is a full copy of the base in float32, cold-started by folding the cold start's deltas
+    (scale B A) into its weights; under torchrun sharded with FSDP (runs.fsdp_shard)."""
     with torch.no_grad():
         for mod, (A, B) in (pairs or {}).items():
             W = transformer.get_submodule(mod).weight
-            W += (B @ A).to(W)
+            W += (scale * B @ A).to(W)
     transformer.requires_grad_(True)
     if world > 1:
         runs.fsdp_shard(transformer, next(model.transformer.parameters()).dtype)
     return dataclasses.replace(model, transformer=transformer)
-
-
-def checkpoint_full(args, model, student, opt, meta, order_rng, rank, world):
-    """--full: the student at --out, and the resumable state beside it (weights and AdamW gathered to rank 0)."""
-    sd, opt_state = runs.gather_full(student.transformer, opt)
-    if rank == 0:
-        save_full(args, model, sd, {**meta, "config": vars(args)})
-    runs.save_state(args.out, meta["step"], {f"full.{k}": v for k, v in sd.items()}, opt_state,
-                    {**meta, "config": vars(args)}, [order_rng], rank, world)
 
 
 def save_full(args, model, sd, meta):
@@ -194,107 +153,172 @@ def save_full(args, model, sd, meta):
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t.save_pretrained(tmp)
+    with open(os.path.join(tmp, "flow_opd.json"), "w") as f:  # what makes it ours to replace on a re-run
+        json.dump(meta, f)
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(tmp, args.out)
 
 
+# ----------------------------------------------------------------------------------------------- the loop
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
+    ap = runs.parser("Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
     runs.add_common_args(ap)
-    ap.set_defaults(prompts=32, group=1, steps=60, lr=1e-3, clip=1e-4)
-    ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH or LABEL=PATH")
-    ap.add_argument("--anchor", default="auto", help="MAR anchor: PATH, 'none', or 'auto' (the deqa teacher)")
+    grpo.add_update_args(ap)
+    ap.set_defaults(prompts=32, group=1, steps=60, lr=1e-3, ema_decay=None)
+    ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH, LABEL=PATH, or "
+                    "folders of them (searched one level deep; bases, mixes, merges and students are skipped)")
+    ap.add_argument("--anchor", default="auto", help="MAR anchor (Eq. 12): PATH, 'auto' (the deqa teacher), 'base' "
+                    "(the same beta KL to the frozen base: the official 'w/o MAR'), or 'none' (no regulariser)")
     ap.add_argument("--beta", type=float, default=mar.BETA, help="MAR weight beta of Eq. 12 (official: 0.04)")
-    ap.add_argument("--advantage", choices=["analytic", "logratio", "paper"], default="analytic",
-                    help="estimator of Eq. 9's gradient; see the docstring")
-    ap.add_argument("--adv_norm", action="store_true", help="normalise advantages over the global batch")
-    ap.add_argument("--init", choices=["merge", "sft", "base"], default="merge", help="cold start of the student")
-    ap.add_argument("--sft_samples", type=int, default=512)
-    ap.add_argument("--sft_steps", type=int, default=200)
-    ap.add_argument("--sft_lr", type=float, default=1e-3)
+    ap.add_argument("--advantage", choices=["analytic", "rtg", "logratio", "paper"], default="analytic",
+                    help="estimator of the KL's gradient (see the docstring)")
+    ap.add_argument("--query", choices=["dense", "low"], default="dense", help="query the teacher at every trained "
+                    "step (Eq. 9-10), or at one low-noise state per rollout with velocity MSE (DanceOPD)")
+    ap.add_argument("--cfg_grad", choices=["cond", "both"], default="both", help="with CFG, the update's gradient "
+                    "flows through both branches (the official Flow-OPD code) or the conditional one only")
+    ap.add_argument("--init", default="merge", help="cold start of the student: merge (of the routed teachers), sft "
+                    "(Eq. 1 on their samples), base (a new adapter), or a LoRA file (e.g. a saved SFT cold start)")
+    ap.add_argument("--sft_samples", type=int, default=512, help="--init sft: teacher images to fine-tune on")
+    ap.add_argument("--sft_steps", type=int, default=200, help="--init sft: flow-matching steps on them")
+    ap.add_argument("--sft_lr", type=float, default=1e-3, help="--init sft: their learning rate")
     ap.add_argument("--tasks", nargs="+", default=None, help="prompt task labels to train on (default: the teachers', "
                     "but deqa: the paper routes GenEval, OCR and PickScore and keeps the quality teacher as the anchor)")
     ap.add_argument("--full", action="store_true", help="train every weight of the student (FSDP under torchrun) "
                     "instead of a LoRA: --out is then a full checkpoint (SD3: a transformer folder)")
-    ap.add_argument("--out", default="ckpts/students/opd.safetensors")
+    ap.add_argument("--out", default="ckpts/students/opd.safetensors", help="the student (with --steps 0: the cold "
+                    "start alone)")
+    real_rewards.add_args(ap)
     args = ap.parse_args(argv)
     rank, world, device = runs.dist_setup()
-    if len(args.teachers) == 1 and os.path.isdir(args.teachers[0]) and not os.path.isfile(
-            os.path.join(args.teachers[0], "adapter_config.json")):  # a folder of teachers
-        args.teachers = sorted(os.path.join(args.teachers[0], f) for f in os.listdir(args.teachers[0]))
     check_args(args, world)
-    routes, skipped = resolve_teachers(args.teachers)
+    routes, skipped = lora.resolve_teachers(args.teachers)
     tasks = args.tasks or [t for t in sorted(routes) if t != "deqa"]
+    for t in [t for t in [*routes, *tasks] if t not in mw.TASKS]:
+        raise BadInput(f"unknown task label {t!r} (in --teachers LABEL=PATH or --tasks); labels are {', '.join(mw.TASKS)}")
     if not tasks:
         raise BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
-                          "teachers, or --tasks deqa to route it")
+                       "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
-    anchor = routes.get("deqa") if args.anchor == "auto" else None if args.anchor == "none" else args.anchor
-    anchor = anchor and lora.fetch_adapter(anchor)
-    if anchor and not os.path.exists(anchor):
-        raise BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path or --anchor none")
+    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=args.model.endswith(".safetensors"))
+    anchor = {"auto": routes.get("deqa"), "none": None, "base": "base"}.get(args.anchor, args.anchor)
+    if anchor not in (None, "base"):
+        anchor = lora.fetch_adapter(anchor)
+        if not os.path.exists(anchor):
+            raise BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path, --anchor base or none")
+    if args.init not in ("merge", "sft", "base") and not os.path.exists(args.init):
+        raise BadInput(f"--init {args.init}: no such file; give merge, sft, base or a LoRA cold start")
+    checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, "--anchor": anchor,
+                                     **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
+                          args.overwrite, args.resume, folder=args.full and not args.model.endswith(".safetensors"),
+                          config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args))
+    for path in (args.out, runs.log_path(args)):  # one run per output, and per log
+        checkpoints.lock_out(path, rank, world, device)
     runs.catch_signals()
     torch.manual_seed(args.seed)
+    real_rewards.use_backends(args, list(mw.TASKS) if args.eval_every else [], args.model, device)  # held-out evaluation
 
     # one frozen base, every teacher and the anchor as adapters on it, the student as one more
     model = fm.load_base(args, device)
+    T = args.sample_steps
+    sigmas = sampler.sigma_schedule(model.scheduler, T)
+    low = [t for t in sampler.sde_steps(T, args.sde_window) if float(sigmas[t]) <= 0.5]  # DanceOPD's low noise
+    if args.query == "low" and not low:
+        raise BadInput(f"--query low needs a trained step at sigma <= 0.5; the trained steps are "
+                       f"{sampler.sde_steps(T, args.sde_window)} (sigma {[round(float(s), 3) for s in sigmas]})")
     base_hash = fm.fingerprint(model)
     full = copy.deepcopy(model.transformer).float() if args.full else None  # before any adapter is added
+    def load_adapter(path, name, what):  # a teacher or the anchor, of this base only
+        meta = lora.load_lora(path, model.transformer, name)
+        if meta.get("base_hash") not in (None, base_hash):
+            raise BadInput(f"{what} {path} was trained on another base (hash {meta['base_hash']}, --model {args.model} "
+                           f"has {base_hash}); give {what}s of the base you load")
     teacher_set = []
     for task, path in sorted(routes.items()):
-        meta = lora.load_lora(path, model.transformer, f"teacher:{task}")
-        if meta.get("base_hash") and meta["base_hash"] != base_hash:
-            raise BadInput(f"teacher {path} was trained on another base (hash {meta['base_hash']}, --model "
-                              f"{args.model} has {base_hash}); distil teachers of the base you load")
+        load_adapter(path, f"teacher:{task}", "teacher")
         teacher_set.append({"task": task, "path": path, "sha256": merge.sha256(path)})
-    anchor_name = None
-    if anchor:
-        anchor_name = next((f"teacher:{t}" for t, p in routes.items() if p == anchor), "anchor")
-        if anchor_name == "anchor":
-            lora.load_lora(anchor, model.transformer, "anchor")
-    pairs, r, _ = merge.merge_files(sorted(set(routes.values()))) if args.init == "merge" else (None, 0, None)
+    anchor_name = None if anchor is None else "base" if anchor == "base" else next(
+        (f"teacher:{t}" for t, p in routes.items() if p == anchor), "anchor")
+    if anchor_name == "anchor":
+        load_adapter(anchor, "anchor", "anchor")
+    pairs, scale = None, 1.0
+    if args.init == "merge":  # the routed teachers only, as the official merge.sh (DECISIONS.md, 5)
+        pairs = merge.merge_files(sorted({routes[t] for t in tasks}))[0]
+    elif args.init not in ("sft", "base"):
+        pairs, scale, init_meta = lora.read_lora(args.init)
+        if init_meta.get("base_hash") not in (None, base_hash):
+            raise BadInput(f"--init {args.init} was made on another base; give a cold start of this base")
     if args.full:  # the student's forward: its own full copy ...
-        student = full_student(model, full, pairs, world)
+        student = full_student(model, full, pairs, scale, world)
         params = list(student.transformer.parameters())
-    else:          # ... or the one base with the "student" adapter (rank sum r_k after a merge, scaling 1)
+    else:          # ... or the one base with the "student" adapter
         student = model
         if pairs:
-            lora.add_lora_pairs(model.transformer, "student", pairs, r, float(r))
+            lora.add_lora_pairs(model.transformer, "student", pairs, scale)
         else:
             lora.add_lora(model.transformer, "student", args.rank, args.alpha)
         params = lora.adapter_params(model.transformer, "student")
     if rank == 0:
-        for path, why in skipped:
-            print(f"skipped {path}: {why}")
-        print(f"routes (Eq. 7): {', '.join(f'{t} -> {p}' for t, p in sorted(routes.items()))}; anchor (Eq. 12): "
-              f"{anchor or 'none'}; init {args.init}; student: " + (f"full ({sum(p.numel() for p in params) / 1e6:.1f}M "
+        if skipped:
+            print("skipped " + "; ".join(f"{p} ({why})" for p, why in skipped[:12])
+                  + (f"; and {len(skipped) - 12} more" if len(skipped) > 12 else ""))
+        print(f"routes (Eq. 7): {', '.join(f'{t} -> {routes[t]}' for t in tasks)}; MAR anchor (Eq. 12): "
+              f"{anchor or 'none'}; cold start {args.init}; student: " + (f"full ({sum(p.numel() for p in params) / 1e6:.1f}M "
               "parameters, FSDP)" if args.full else f"LoRA on {len(params) // 2} layers"))
     if args.init == "sft" and not args.resume:
-        sft_cold_start(model, student, params, routes, tasks, args, device)
+        try:
+            sft_cold_start(model, student, params, routes, tasks, args, device, world)
+        except runs.Interrupted:
+            if rank == 0:
+                print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} during the SFT cold start, "
+                      "before any checkpoint; run the same command again to start over")
+            return
         if not args.full:  # (every rank trained on the same pool; FSDP keeps its shards in step by itself)
             runs.all_reduce_mean([p.data for p in params], world)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
-    T = args.sample_steps
-    sde = sampler.sde_steps(T, window=args.sde_window)
+    ema = {"w": [p.detach().clone() for p in params] if args.ema_decay else []}
+    sde = sampler.sde_steps(T, args.sde_window)
     N = args.prompts * args.group
     local = list(range(rank * N // world, (rank + 1) * N // world))
-    stream, order_rng = mw.prompt_stream(args.prompt_file, tasks, args.seed), random.Random(args.seed)
-    meta = {"role": "student", "full": args.full, "tasks": tasks, "teachers": teacher_set, "init": args.init,
-            "base_path": args.model, "base_hash": base_hash, "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor else None}
-    check_teacher_set(args, meta)
-    start, state, opt_state = runs.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
+    order_rng = random.Random(args.seed)
+    meta = {"role": "student" if args.steps else args.init, "full": args.full, "tasks": tasks, "teachers": teacher_set,
+            "init": args.init, "base_path": fm.recorded_path(args.model), "base_hash": base_hash,
+            "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor not in (None, "base") else anchor}
+    check_teacher_set(args, {**meta, "world": world})
+    start, state, opt_state = checkpoints.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
                                           may_change=("teachers", "anchor"),  # checked by content above
                                           read_tensors=rank == 0 or not args.full)
     if start and args.full:
-        runs.restore_full(student.transformer, opt, state, opt_state, world)
+        checkpoints.restore_full(student.transformer, opt, state, opt_state, world)
     elif start:
-        runs.restore_params(params, opt, state, opt_state)
-    log = runs.open_log(args, rank)
+        checkpoints.restore_params(params, opt, state, opt_state, ema)
+    log = runs.open_log(args, rank, start)
 
+    def checkpoint(step):
+        if args.full:  # weights and AdamW gathered to rank 0 (a full student keeps no EMA: check_args)
+            sd, opt_state = checkpoints.gather_full(student.transformer, opt)
+            if rank == 0:
+                save_full(args, model, sd, {**meta, "step": step, "config": vars(args)})
+            checkpoints.save_state(args.out, step, {f"full.{k}": v for k, v in sd.items()}, opt_state,
+                            {**meta, "step": step, "config": vars(args)}, [order_rng], rank, world)
+            return
+
+        def save_out(m):  # --out holds the EMA weights
+            grpo.swap_ema(ema, params)
+            lora.save_lora(args.out, model.transformer, "student", m)
+            grpo.swap_ema(ema, params)
+        checkpoints.checkpoint(args, save_out, params, opt, {**meta, "step": step}, order_rng, rank, world, ema)
+
+    if args.steps == 0:  # the cold start alone (for Table 2's SFT+GRPO-Mix)
+        checkpoint(0)
+        if rank == 0:
+            print(f"saved the {args.init} cold start at {args.out}")
+        return
+    query = sde if args.query == "dense" else low[-1:]
     bad = bad_total = 0
     stop, step = False, start - 1
+    runs.IN_LOOP = True
     bar = tqdm(range(start, args.steps), desc="opd", disable=rank != 0, mininterval=2, initial=start, total=args.steps)
     for step in bar:
         t0 = time.time()
@@ -302,130 +326,124 @@ def main(argv=None):
         prompts = [batch[i // args.group] for i in local]
         enc = fm.encode_prompts(model, prompts)
         x, eps = runs.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
+        if args.sde_window_size:  # Flow-GRPO-Fast: this step's window (a low query: its lowest-noise step)
+            sde = sampler.sde_steps(T, args.sde_window, args.sde_window_size, seed=args.seed * 1_000_003 + step)
+            query = sde if args.query == "dense" else sde[-1:]
         # 1. the student's own trajectories
-        lora.set_adapter(student.transformer, "student")  # (a full student has no adapters: a no-op)
+        if not args.full:
+            lora.set_adapter(model.transformer, "student")
         traj = sampler.sample(student, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp, v_old = traj["states"], traj["sigmas"], traj["log_probs"].to(device), traj["velocities"]
         t1 = time.time()
 
-        # 2-4. route, teacher velocities at the visited states, dense rewards and advantages
+        # 2-4. route, the teacher's velocity at the visited states, dense rewards, the anchor's means
         groups = route(prompts, routes)
         n_local = len(local)
         reward = torch.zeros(n_local, T, device=device)
-        adv = torch.zeros(n_local, T, device=device)
-        mu_anchor, mu_target = {}, {}
+        v_star, mu_anchor = {}, {}
         vel_mse = {task: 0.0 for task in groups}
         with torch.no_grad():
-            for t in sde:
-                v_star = routed_velocity(model, states[:, t], float(sigmas[t]), enc, groups, args.guidance,
-                                         args.micro_batch)                                        # Eq. 7
+            for t in query:
+                v_star[t] = routed_velocity(model, states[:, t], float(sigmas[t]), enc, groups, args.guidance,
+                                            args.micro_batch)                                      # Eq. 7
                 for task, idx in groups.items():
-                    vel_mse[task] += float(((v_old[idx, t] - v_star[idx]) ** 2).mean()) / len(sde)
-                reward[:, t] = dense_reward(v_old[:, t], v_star, sigmas, t, args.noise_level)   # Eq. 10
-                mu_star, std = sampler.gaussian_step(states[:, t], v_star, sigmas, t, args.noise_level)  # Eq. 7
-                if args.advantage == "paper":
-                    adv[:, t] = reward[:, t]
-                elif args.advantage == "analytic":
-                    mu_target[t] = mu_star
-                else:  # log pi*(x_t+1 | x_t) - log pi_old(x_t+1 | x_t), summed over dims: E = r_t (Eq. 9)
-                    D = states[0, 0].numel()
-                    adv[:, t] = D * (sampler.log_prob(states[:, t + 1], mu_star, std) - old_lp[:, t])
+                    vel_mse[task] += float(((v_old[idx, t] - v_star[t][idx]) ** 2).mean()) / len(query)
+                reward[:, t] = dense_reward(v_old[:, t], v_star[t], sigmas, t, args.noise_level)  # Eq. 10
                 if anchor_name:
-                    mu_anchor[t] = mar.anchor_mean(model, anchor_name, states[:, t], sigmas, t, enc, args.guidance,
-                                                   args.noise_level)
-        if args.adv_norm:
-            a = runs.all_gather(adv[:, sde].flatten(), world)
-            adv = (adv - a.mean()) / (a.std() + 1e-8)
+                    mu_anchor[t] = mar.anchor_mean(model, None if anchor_name == "base" else anchor_name, states[:, t],
+                                                   sigmas, t, enc, args.guidance, args.noise_level)
+        later = return_to_go(reward)
         t2 = time.time()
 
-        # 5. clipped update (Eq. 11) + MAR (Eq. 12)
-        lora.set_adapter(student.transformer, "student")
-        stats = torch.zeros(4, device=device)  # loss, MAR KL, clip fraction, approx KL
-        for epoch in range(args.inner_epochs):
-            opt.zero_grad(set_to_none=True)
-            steps_t = order_rng.sample(sde, len(sde))
-            n = n_local * len(steps_t)
-            epoch_loss = torch.zeros(1, device=device)
-            for t in steps_t:
-                for mb in torch.arange(n_local).split(args.micro_batch):
-                    _, lp, mu, std = grpo.policy_step(student, states[mb], sigmas, t, fm.select(enc, mb), args)
-                    pg, ratio = grpo.clipped_surrogate(lp, old_lp[mb, t], adv[mb, t], args.clip)   # Eq. 11
-                    if args.advantage == "analytic":  # E[pg]'s gradient in closed form: Eq. 9's KL, per dimension
-                        pg = sampler.kl_per_dim(mu, mu_target[t][mb], std)
-                    kl = mar.mar_kl(mu, mu_anchor[t][mb], std) if anchor_name else torch.zeros_like(pg)  # Eq. 12
-                    loss = (pg + args.beta * kl).sum() / n
-                    loss.backward()
-                    with torch.no_grad():
-                        epoch_loss += loss.detach()
-                        stats += torch.stack([(pg + args.beta * kl).sum(), kl.sum(),
-                                              ((ratio - 1).abs() > args.clip).float().sum(),
-                                              (0.5 * (lp - old_lp[mb, t]) ** 2).sum()]) / n / args.inner_epochs
-            runs.all_reduce_mean(([] if args.full else [p.grad for p in params]) + [epoch_loss], world)  # FSDP: done
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-            bad = runs.finite_or_skip(bool(torch.isfinite(grad_norm) and torch.isfinite(epoch_loss)), bad, step,
-                                    args.max_bad_steps, args.out)
-            if bad:
-                bad_total += 1
-                break
-            opt.step()
-        runs.all_reduce_mean([stats], world)
+        # 5. the update (Eq. 11, Flow-GRPO's) with MAR (Eq. 12)
+        if not args.full:
+            lora.set_adapter(model.transformer, "student")
+
+        def loss_fn(t, mb):
+            v, lp, mu = grpo.policy_step(student, states[mb], sigmas, t, fm.select(enc, mb), args)
+            mu_star = sampler.sde_mean(states[mb, t], v_star[t][mb], sigmas, t, args.noise_level)
+            if args.query == "low":   # DanceOPD: plain velocity MSE at one low-noise state
+                loss = ((v.float() - v_star[t][mb]) ** 2).flatten(1).mean(1)
+            elif args.advantage in ("analytic", "rtg"):  # the KL itself, gradient through mu_theta
+                loss = sampler.kl(mu, mu_star, sigmas, t, args.noise_level)
+            if args.advantage in ("rtg", "logratio", "paper") and args.query == "dense":
+                # Eq. 11's ratio is of densities averaged over the D dimensions (Flow-GRPO's log-prob), so an
+                # advantage on the KL's scale carries a factor D for its gradient to be the KL's (tested)
+                D, dt = states[0, 0].numel(), float(sigmas[t] - sigmas[t + 1])
+                adv = {"rtg": D * later[mb, t], "paper": reward[mb, t],  # the paper's A_t = r_t, as the official code
+                       "logratio": D * dt * (sampler.log_prob(states[mb, t + 1], mu_star, sampler.step_noise(
+                           sigmas, t, args.noise_level)[1]) - old_lp[mb, t])}[args.advantage]
+                pg, _ = grpo.clipped_surrogate(lp, old_lp[mb, t], adv, args.clip)                     # Eq. 11
+                loss = pg if args.advantage != "rtg" else loss + pg
+            kl = mar.mar_kl(mu, mu_anchor[t][mb], sigmas, t, args.noise_level) if anchor_name else torch.zeros_like(loss)
+            ratio = torch.exp(lp - old_lp[mb, t])
+            return loss + args.beta * kl, {"mar_kl": kl, "clip_frac": ((ratio - 1).abs() > args.clip).float(),
+                                           "approx_kl": 0.5 * (lp - old_lp[mb, t]) ** 2, "ratio_dev": (ratio - 1).abs()}
+        stats, bad = grpo.update(params, opt, ema, torch.ones(N, dtype=torch.bool), local, query, loss_fn,
+                                 ("mar_kl", "clip_frac", "approx_kl", "ratio_dev"), args, world, order_rng, step, bad,
+                                 fsdp=args.full and world > 1)
+        bad_total += "skipped" in stats
         t3 = time.time()
 
-        if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0):
+        rec = grpo.eval_log(student, params, ema, args, step, rank, every_rank=args.full and world > 1)
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0 or rec):
             by_t = reward.mean(0)
             rec = {"step": step + 1, **{f"opd/vel_mse/{k}": v for k, v in vel_mse.items()},
-                   **{f"opd/reward/t{t}": float(by_t[t]) for t in sde}, "loss": stats[0].item(),
-                   "mar_kl": stats[1].item(), "clip_frac": stats[2].item(), "approx_kl": stats[3].item(),
-                   "grad_norm": float(grad_norm), "bad_steps": bad_total, "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                                if "/reward/" not in k))
+                   **{f"opd/reward/t{t}": float(by_t[t]) for t in query}, **stats, "bad_steps": bad_total, **rec,
+                   "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
+            log(rec)
         stop = runs.stop_requested(world, device)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-            if args.full:
-                checkpoint_full(args, model, student, opt, {**meta, "step": step + 1}, order_rng, rank, world)
-            else:
-                runs.checkpoint(args, lambda m: lora.save_lora(args.out, model.transformer, "student", m), params,
-                                opt, {**meta, "step": step + 1}, order_rng, rank, world)
+            checkpoint(step + 1)
         if stop:
             break
     if rank == 0:
-        print(f"stopped by {runs.STOP['signal']} after step {step + 1}; --resume continues" if stop else f"saved {args.out}")
+        print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} after step {step + 1}; the same command with --resume continues" if stop
+              else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
 def check_teacher_set(args, meta):
     """--resume must distil the same teachers (content, not just paths) toward the same anchor: say what changed."""
-    if not args.resume or not os.path.isdir(runs.state_dir(args.out)):
+    if not args.resume:
         return
-    steps = sorted(d for d in os.listdir(runs.state_dir(args.out)) if d.startswith("step_"))
-    if not steps:
-        return
-    with safe_open(os.path.join(runs.state_dir(args.out), steps[-1], "state.safetensors"), "pt") as f:
-        old = json.loads(f.metadata()["flow_opd_state"])
+    old = checkpoints.load_state(args.out, vars(args), world=meta["world"], read_tensors=False, restore_rng=False,
+                                 may_change=("teachers", "anchor"))[1]
     was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
+    sha = lambda x: x.get("sha256") if isinstance(x, dict) else x  # noqa: E731  (content, wherever the file now is)
     changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
                + (" (same path, new content)" if t in was and t in now and was[t]["path"] == now[t]["path"] else "")
-               for t in sorted(set(was) | set(now)) if was.get(t) != now.get(t)]
-    if old["anchor"] != meta["anchor"]:
-        changes.append(f"anchor: {(old['anchor'] or {}).get('path')} -> {(meta['anchor'] or {}).get('path')}")
+               for t in sorted(set(was) | set(now)) if sha(was.get(t)) != sha(now.get(t))]
+    changes += [f"anchor: {old['anchor']} -> {meta['anchor']}"] if sha(old["anchor"]) != sha(meta["anchor"]) else []
     if changes:
         raise BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
-                          "with the original teachers, or drop --resume to start over")
+                       "with the original teachers, or drop --resume to start over")
 
 
 def check_args(args, world):
     sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
-    sampler.sde_steps(args.sample_steps, window=args.sde_window)
+    sampler.sde_steps(args.sample_steps, args.sde_window, args.sde_window_size)
+    if args.steps < 0:
+        raise BadInput(f"--steps must be >= 0 (0: write the cold start alone), got {args.steps}")
+    steps, args.steps = args.steps, max(args.steps, 1)  # --steps 0: the cold start alone
     runs.check_common_args(args, world)
-    if args.beta < 0:
-        raise BadInput(f"--beta must be >= 0, got {args.beta}")
+    args.steps = steps
+    if args.ema_decay is None:  # Flow-GRPO's EMA for a LoRA student; a full one keeps none (it would double it)
+        args.ema_decay = 0.0 if args.full else 0.9
+    if args.full and args.ema_decay:
+        raise BadInput("--full keeps no EMA of the weights (it would hold a second full copy); drop --ema_decay")
+    if not (args.beta >= 0 and args.opt_steps >= 1 and args.ema_every >= 1 and 0 <= args.ema_decay < 1
+            and args.eval_n >= 2):
+        raise BadInput("--beta must be >= 0, --opt_steps and --ema_every >= 1, 0 <= --ema_decay < 1, --eval_n >= 2")
+    if args.full and world > 1 and (args.prompts * args.group // world) % args.opt_steps:
+        raise BadInput(f"--full under FSDP needs every process to hold as many samples of each of the --opt_steps "
+                       f"{args.opt_steps} parts: make --prompts x --group / processes a multiple of {args.opt_steps}")
+    if args.steps == 0 and args.resume:
+        raise BadInput("--steps 0 writes a cold start; it has nothing to resume (drop --resume)")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
         raise BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
-    runs.check_writable(args.out)
+    args.eval_every = (10 if args.model.endswith(".safetensors") else 0) if args.eval_every is None else args.eval_every
 
 
 if __name__ == "__main__":

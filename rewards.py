@@ -1,8 +1,9 @@
 """Rewards, one function per column of the paper's Table 2: images (B, 3, H, W) in [0, 1] + prompts in, (B,) out.
 
 Mini world (programmatic scorers; their paper counterparts in brackets):
-  geneval   [GenEval, an object detector]   colour blobs -> shape, colour, count, position checks; the fraction of
-            the prompt's checks that pass (Flow-GRPO trains on partial credit; eval.py reports strict accuracy, ==1).
+  geneval   [GenEval, an object detector]   saturated colour blobs -> shape (by fill, hole and taper), colour,
+            count and position; the training reward is Flow-GRPO's reward server's partial credit, Table 2's column
+            GenEval's strict 0/1 (geneval_strict).
   ocr       [PaddleOCR edit distance]       template-matching reader; 1 - edit distance / len(target).
   pickscore [PickScore, human preference]   on the 0..26 scale: 26 x preference in [0, 1]; prompt alignment of a
             scene's sky, ground and named object, plus vividness and contrast, which people like and which it
@@ -10,16 +11,10 @@ Mini world (programmatic scorers; their paper counterparts in brackets):
   deqa      [DeQA-Score, image quality]     on the 1..5 MOS scale: penalises noise (Immerkaer's estimator),
             blur (weak edges) and clipped pixels. Its noise filter also reacts to thin strokes, so pushing DeQA
             smooths digits (costing OCR): the seesaw the paper describes.
-A reward that a prompt does not ask about (OCR on a shape prompt) is NaN; `combine` skips it.
+A reward that a prompt does not ask about (OCR on a shape prompt) is NaN; `combine` skips it. Real images get real
+scorers under the same names (real_rewards.py).
 """
-import argparse
-import base64
-import io
-import json
-import re
-import time
-import urllib.error
-import urllib.request
+import math
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +31,21 @@ def _prompt(p):
 
 
 # ----------------------------------------------------------------------------------------------- blobs
+def shape_of(m, x0, x1, y0, y1):
+    """The shape a blob (a bool mask with bounding box [x0, x1) x [y0, y1)) is most like: each of the five drawn at
+    the box's centre and size, the one of highest overlap (IoU), if that is at least 1/2 (else "blob"). Like a
+    detector, it forgives a shape drawn a little off; unlike a rule on a few pixels, its score moves smoothly."""
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    iou = {s: float((m & t).sum()) / float((m | t).sum()) for s in mw.SHAPES for t in [mw.shape_mask(s, cx, cy, r)]}
+    best = max(iou, key=iou.get)
+    return best if iou[best] >= 0.5 else "blob"
+
+
 def blobs(images, min_area=8):
     """Saturated connected regions of each palette colour: per image a list of dicts (color, shape, area, cx, cy)."""
     B, _, H, W = images.shape
     mx, mn = images.max(1).values, images.min(1).values
-    is_obj = ((mx - mn) > 0.35) & (mx > 0.35)                                      # (B, H, W)
+    is_obj = ((mx - mn) > 0.5) & (mx > 0.35)   # saturated like the palette; skies, grounds and text are not (B, H, W)
     dist = ((images.permute(0, 2, 3, 1)[:, :, :, None, :] - PALETTE) ** 2).sum(-1)  # (B, H, W, 5)
     cls = torch.where(is_obj, dist.argmin(-1), -1)
     mask = torch.stack([cls == k for k in range(len(PALETTE))], 1).float()        # (B, 5, H, W)
@@ -65,42 +70,69 @@ def blobs(images, min_area=8):
                 if area < min_area:
                     continue
                 ys, xs = yy[m], xx[m]
-                h, w = float(ys.max() - ys.min() + 1), float(xs.max() - xs.min() + 1)
-                fill = area / (h * w)
-                top = float((ys < ys.min() + h / 2).sum()) / area
-                corners = sum(bool(m[int(y - 0.5), int(x - 0.5)]) for y in (ys.min(), ys.max()) for x in (xs.min(), xs.max()))
-                if corners >= 3 or fill > 0.95:  # a circle never fills its bounding box's corners
-                    shape = "square"
-                elif top < 0.42:                 # most pixels in the lower half: apex up
-                    shape = "triangle"
-                else:
-                    shape = "circle"
-                found.append({"color": COLOR_NAMES[k], "shape": shape, "area": area,
-                              "cx": float(xs.mean()), "cy": float(ys.mean())})
+                y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                found.append({"color": COLOR_NAMES[k], "shape": shape_of(m, x0, x1, y0, y1), "area": area,
+                              "w": x1 - x0, "h": y1 - y0, "cx": float(xs.mean()), "cy": float(ys.mean())})
         out.append(found)
     return out
 
 
 # ----------------------------------------------------------------------------------------------- the rewards
+def _relation_holds(relation, matches_a, matches_b):
+    """Does some pair (a, b) of found objects stand in the prompt's relation ("a left of b": a's centre at least 2 px
+    left of b's)?"""
+    def holds(a, b):
+        return {"left of": b["cx"] - a["cx"] > 2, "right of": a["cx"] - b["cx"] > 2,
+                "above": b["cy"] - a["cy"] > 2, "below": a["cy"] - b["cy"] > 2}[relation]
+    return any(holds(a, b) for a in matches_a for b in matches_b)
+
+
 def geneval(images, prompts):
-    """Fraction of a composition prompt's checks that pass (each object's count, then its relation); NaN otherwise."""
+    """Flow-GRPO's GenEval training reward (its reward server's partial credit) on a composition prompt, NaN on any
+    other: the mean of these terms, per object clause (shape, colour, count k, with n shapes found):
+      count   1 - |k - n| / k, floored at 0 (the server's can go negative when n > 2k; a reward below "nothing
+              drawn" would push the policy toward empty images)
+      colour  1 - |k - n_colour| / k when the count is right, else 0 (if the prompt names a colour)
+      relation 1 if it holds between the objects of the right shape and colour, else 0 (also 0 when a count is
+              wrong; the server's indentation gives a failed relation half credit, which we do not copy)
+    So "three circles" with two drawn scores 2/3, "a red circle" drawn blue 1/2."""
     scores = []
     for found, p in zip(blobs(images), prompts):
         spec = mw.parse(_prompt(p))
         if spec["task"] != "geneval":
             scores.append(float("nan"))
             continue
-        checks, matches = [], []
-        for shape, color, count in spec["objects"]:
-            m = [o for o in found if o["shape"] == shape and (color is None or o["color"] == color)]
-            matches.append(m)
-            checks.append(len(m) == count if count > 1 else len(m) >= 1)  # GenEval counts exactly, else presence
+        terms, matches, counts_right = [], [], True
+        for shape, color, k in spec["objects"]:
+            of_shape = [o for o in found if o["shape"] == shape]
+            terms.append(max(0.0, 1 - abs(k - len(of_shape)) / k))
+            right = [o for o in of_shape if color is None or o["color"] == color]
+            matches.append(right)
+            counts_right &= len(of_shape) == k
+            if color:
+                terms.append(max(0.0, 1 - abs(k - len(right)) / k) if len(of_shape) == k else 0.0)
         if spec["relation"]:
-            def holds(a, b):
-                return {"left of": b["cx"] - a["cx"] > 2, "right of": a["cx"] - b["cx"] > 2,
-                        "above": b["cy"] - a["cy"] > 2, "below": a["cy"] - b["cy"] > 2}[spec["relation"]]
-            checks.append(any(holds(a, b) for a in matches[0] for b in matches[1]))
-        scores.append(sum(checks) / len(checks))
+            terms.append(float(counts_right and _relation_holds(spec["relation"], *matches)))
+        scores.append(sum(terms) / len(terms))
+    return torch.tensor(scores)
+
+
+def geneval_strict(images, prompts):
+    """GenEval's own evaluation (Table 2's column): 1 if the image is right, else 0; NaN off composition prompts.
+    Each object must be found with its colour (at least once; exactly k times for a count k > 1, GenEval's
+    include + exclude), and the relation must hold."""
+    scores = []
+    for found, p in zip(blobs(images), prompts):
+        spec = mw.parse(_prompt(p))
+        if spec["task"] != "geneval":
+            scores.append(float("nan"))
+            continue
+        matches = [[o for o in found if o["shape"] == shape and (color is None or o["color"] == color)]
+                   for shape, color, _ in spec["objects"]]
+        ok = all(len(m) == k if k > 1 else len(m) >= 1 for m, (_, _, k) in zip(matches, spec["objects"]))
+        if spec["relation"]:
+            ok = ok and _relation_holds(spec["relation"], *matches)
+        scores.append(float(ok))
     return torch.tensor(scores)
 
 
@@ -182,7 +214,8 @@ def pickscore(images, prompts):
                  torch.exp(-((ground - 0.9 * torch.tensor(mw.SCENES[spec["scene"]])) ** 2).sum() / 0.05)]
         if spec["object"]:
             shape, color, _ = spec["object"]
-            align.append(torch.tensor(float(any(o["shape"] == shape and o["color"] == color for o in found[i]))))
+            align.append(torch.tensor(float(any(o["shape"] == shape and o["color"] == color and max(o["w"], o["h"]) <= 16
+                                                for o in found[i]))))
         scores.append(0.6 * float(torch.stack(align).mean()) + 0.4 * float(appeal[i]))
     return 26 * torch.tensor(scores)
 
@@ -205,162 +238,17 @@ def deqa(images, prompts=None):
     return 1 + 4 * quality.clamp(0, 1)
 
 
-# ----------------------------------------------------------------------------------------------- real backends
-# For Stable Diffusion 3.5 the same names get real scorers (flags from add_args, installed by use_backends):
-#   pickscore  transformers' CLIPModel + processor from a path: logit_scale * cos(image, text), PickScore's formula
-#   ocr        an OCR engine (optional extra: paddleocr), 1 - edit distance / len(the prompt's quoted text)
-#   geneval, deqa   reward servers over HTTP + JSON: POST {"images": [base64 PNG], "prompts": [str]} ->
-#              {"scores": [float | null]}; timeouts, bounded retries, one clear error. Never pickle.
-# `python rewards.py --serve geneval --port 8000` is a reference server (standard library + this file).
-def to_uint8(img):
-    """(3, H, W) in [0, 1] -> (H, W, 3) uint8 numpy, what PIL and OCR engines take."""
-    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def png_b64(img):
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(img)).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def from_png_b64(s):
-    import numpy as np
-    from PIL import Image
-    arr = np.array(Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB"))
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255
-
-
-def remote(name, url, timeout=120.0, retries=3, backoff=2.0):
-    """A reward served over HTTP + JSON. Down or slow: retried `retries` times, then one clear error."""
-    def score(images, prompts):
-        body = json.dumps({"images": [png_b64(i) for i in images], "prompts": [_prompt(p) for p in prompts]}).encode()
-        for attempt in range(retries):
-            try:
-                req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=timeout) as r:
-                    answer = r.read()
-                break
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                why = getattr(e, "reason", e)
-                if attempt + 1 == retries:
-                    raise BadInput(f"the {name} reward server at {url} is down or too slow ({why}) after {retries} "
-                                      f"tries of {timeout:g} s; start it (python rewards.py --serve {name}) or fix "
-                                      f"--{name}_url") from None
-                time.sleep(backoff * 2 ** attempt)
-        try:
-            scores = json.loads(answer)["scores"]
-            assert isinstance(scores, list) and len(scores) == len(prompts)
-            return torch.tensor([float("nan") if s is None else float(s) for s in scores])
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise BadInput(f"the {name} reward server at {url} answered garbage ({answer[:80]!r}); it must return "
-                              f'{{"scores": [{len(prompts)} numbers]}}') from None
-    return score
-
-
-def clip_pickscore(path, processor=None, device="cpu"):
-    """PickScore: logit_scale * cos(image, text) of a CLIP model (yuvalkirstain/PickScore_v1) from a path."""
-    from transformers import AutoProcessor, CLIPModel
-    try:
-        model = CLIPModel.from_pretrained(path).eval().to(device)
-        proc = AutoProcessor.from_pretrained(processor or path)
-    except Exception as e:
-        raise BadInput(f"cannot load a CLIP model from {path!r} for PickScore ({type(e).__name__}); give "
-                          "--pickscore_model DIR (and --pickscore_processor DIR if the processor lives apart)") from None
-
-    @torch.no_grad()
-    def score(images, prompts):
-        from PIL import Image
-        pil = [Image.fromarray(to_uint8(i)) for i in images]
-        x = proc(images=pil, text=[_prompt(p) for p in prompts], padding=True, truncation=True, max_length=77,
-                 return_tensors="pt").to(device)
-        img = model.get_image_features(pixel_values=x["pixel_values"])
-        txt = model.get_text_features(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
-        img, txt = (getattr(f, "pooler_output", f) for f in (img, txt))  # transformers 5 returns an output object
-        cos = (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
-        return (model.logit_scale.exp().float() * cos).cpu()
-    return score
-
-
-def ocr_engine(name):
-    """Flow-GRPO's OCR reward with a real engine: 1 - edit distance / len(target), target = the prompt's quoted text,
-    spaces dropped and lower-cased on both sides. PaddleOCR 2.x (Flow-GRPO pins 2.9.1) or 3.x, whose API changed."""
-    try:
-        import paddleocr
-    except ImportError:
-        raise BadInput(f"--ocr_engine {name} needs the optional extra: pip install paddleocr paddlepaddle") from None
-    if int(paddleocr.__version__.split(".")[0]) >= 3:
-        engine = paddleocr.PaddleOCR(use_doc_orientation_classify=False, use_doc_unwarping=False,
-                                     use_textline_orientation=False, lang="en")
-
-        def read(arr):
-            return "".join(t for res in engine.predict(arr) for t in res["rec_texts"])
-    else:
-        engine = paddleocr.PaddleOCR(use_angle_cls=False, lang="en", show_log=False)
-
-        def read(arr):  # [[box, (text, confidence)], ...] per image, None when nothing was found
-            return "".join(w[1][0] for line in engine.ocr(arr, cls=False) or [] for w in line or [])
-
-    def score(images, prompts):
-        out = []
-        for img, p in zip(images, prompts):
-            m = re.search(r'"([^"]+)"', _prompt(p))
-            if not m:
-                out.append(float("nan"))
-                continue
-            text, target = read(to_uint8(img)).replace(" ", "").lower(), m.group(1).replace(" ", "").lower()
-            out.append(max(0.0, 1 - edit_distance(text, target) / len(target)))
-        return torch.tensor(out)
-    return score
-
-
-def add_args(ap):
-    g = ap.add_argument_group("real reward backends (default: the mini world's scorers)")
-    g.add_argument("--pickscore_model", default=None, help="CLIP dir for PickScore (yuvalkirstain/PickScore_v1)")
-    g.add_argument("--pickscore_processor", default=None, help="its processor, if apart (laion/CLIP-ViT-H-14-...)")
-    g.add_argument("--ocr_engine", choices=["paddleocr"], default=None, help="an OCR engine (optional extra)")
-    g.add_argument("--geneval_url", default=None, help="GenEval reward server, e.g. http://127.0.0.1:18085")
-    g.add_argument("--deqa_url", default=None, help="DeQA reward server")
-    g.add_argument("--reward_timeout", type=float, default=120.0, help="seconds per reward server request")
-    g.add_argument("--reward_retries", type=int, default=3)
-
-
-def use_backends(args, device="cpu"):
-    """Install the real scorers the flags name in REWARDS (the names, and so the task labels, stay the same)."""
-    if args.pickscore_model:
-        REWARDS["pickscore"] = clip_pickscore(args.pickscore_model, args.pickscore_processor, device)
-    if args.ocr_engine:
-        REWARDS["ocr"] = ocr_engine(args.ocr_engine)
-    for name in ("geneval", "deqa"):
-        if getattr(args, f"{name}_url"):
-            REWARDS[name] = remote(name, getattr(args, f"{name}_url"), args.reward_timeout, args.reward_retries)
-
-
-def make_server(name, host="127.0.0.1", port=0):
-    """The reference reward server: this file's scorer `name` behind the HTTP + JSON protocol above."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            try:
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                scores = REWARDS[name](torch.stack([from_png_b64(s) for s in req["images"]]), req["prompts"])
-                code, body = 200, {"scores": [None if s != s else float(s) for s in scores.tolist()]}
-            except Exception as e:  # the client gets the reason, the server keeps serving
-                code, body = 400, {"error": f"{type(e).__name__}: {e}"}
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-    return ThreadingHTTPServer((host, port), Handler)
-
-
 REWARDS = {"geneval": geneval, "ocr": ocr, "pickscore": pickscore, "deqa": deqa}
+
+
+def metric(task):
+    """Table 2's column for a task: the reward itself, but GenEval's is strict (geneval_strict; with a reward server,
+    a score of exactly 1)."""
+    if task != "geneval":
+        return REWARDS[task]
+    if REWARDS["geneval"] is geneval:
+        return geneval_strict
+    return lambda images, prompts: (lambda s: torch.where(s.isnan(), s, (s == 1).float()))(REWARDS["geneval"](images, prompts))
 SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 26.0, "deqa": 5.0}  # Table 2's Avg divides by these
 
 
@@ -369,20 +257,23 @@ def parse_spec(spec):
     out = {}
     for part in spec.split(","):
         name, _, w = part.strip().partition(":")
+        if name in out:
+            raise BadInput(f"reward {name!r} appears twice in {spec!r}; give each reward once, with its weight")
         if name not in REWARDS:
             raise BadInput(f"unknown reward {name!r}; choose from {', '.join(REWARDS)} (weights as name:0.5,...)")
         try:
             out[name] = float(w) if w else 1.0
         except ValueError:
             raise BadInput(f"reward weight {w!r} for {name} is not a number (write e.g. {name}:0.5)") from None
-        if not out[name] > 0 or out[name] != out[name]:
-            raise BadInput(f"reward weight for {name} must be a positive number, got {w}")
+        if not (math.isfinite(out[name]) and out[name] > 0):
+            raise BadInput(f"reward weight for {name} must be a positive finite number, got {w}")
     return out
 
 
 def combine(weights, images, prompts):
     """Weighted sum of rewards, each divided by its Table 2 scale; rewards a prompt does not ask about (NaN) are
     skipped and the remaining weights renormalised. Returns the total (B,) and each reward (B,)."""
+    images = images.detach().float().cpu()  # the scorers are CPU code (or servers)
     each = {name: REWARDS[name](images, prompts) for name in weights}
     num = torch.zeros(len(prompts))
     den = torch.zeros(len(prompts))
@@ -395,18 +286,3 @@ def combine(weights, images, prompts):
         bad = _prompt(prompts[int((den == 0).nonzero()[0])])
         raise BadInput(f"no reward in {list(weights)} applies to the prompt {bad!r}; add one that does")
     return num / den, each
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Serve one reward over HTTP + JSON (the reference reward server).")
-    ap.add_argument("--serve", required=True, choices=list(REWARDS))
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    args = ap.parse_args(argv)
-    server = make_server(args.serve, args.host, args.port)
-    print(f"serving {args.serve} on http://{args.host}:{server.server_port}", flush=True)
-    server.serve_forever()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,266 @@
+"""Where a run writes, and how it survives: --out checked before any work (never an input, never another run's
+result, one run at a time), files written atomically, and one resumable checkpoint per run that --resume restores
+exactly (weights, optimizer, EMA, every RNG, the prompt position), on one process or many.
+
+A run writing OUT keeps its checkpoint in a hidden folder beside it (shell globs skip it):
+    .OUT.resume/step_00000050/state.safetensors   weights, optimizer, step, data position (rank 0; JSON metadata)
+                              rng_rank<r>.json    every RNG state of process r
+written as .step_*.tmp and renamed once complete, so a crash never leaves a half checkpoint over a good one.
+"""
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from runs import BadInput, barrier
+
+
+def check_writable(path, flag="--out"):
+    """Fail before any work if `path` cannot be written: a file path (no trailing slash) in a folder where a file
+    can be created (tried with a temp file, removed at once: os.access says yes to root even on /sys). Creates
+    nothing that stays (folders are made when the file is saved)."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise BadInput(f"{flag} {path} is a folder (or ends with '/'); give the path of the file to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise BadInput(f"{flag} {path} exists and is not a regular file (a device, a pipe); choose another {flag}")
+    if len(os.path.basename(path)) > 200:  # + the temp suffix, within the file system's 255
+        raise BadInput(f"{flag}: the file name {os.path.basename(path)[:40]}... is too long ({len(os.path.basename(path))} "
+                       "characters, at most 200)")
+    d = os.path.dirname(os.path.realpath(path))  # a link: where its target would be written
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError:
+        raise BadInput(f"cannot write {path} ({d} is not a writable folder); choose another {flag}") from None
+
+
+def atomic_save(tensors, path, metadata):
+    """safetensors written to a temp file, then renamed: never a half-written file over a good one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared checkpoint should follow the umask
+    os.replace(tmp, path)
+
+
+def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=None, world=1, may_change=(),
+              log=None, resumable=True):
+    """Before any work: --out (and the run's JSONL `log`) is never one of the run's inputs (nor inside its resume
+    folder) nor each other, is a file path (or, folder=True, a folder this project wrote), and a finished run's
+    output or log is replaced only with --overwrite (--resume continues it). inputs: {flag: path}."""
+    outputs = {"--out": out, **({"--log_file": log} if log else {})}
+    for oflag, o in outputs.items():
+        real = os.path.realpath(o)
+        for flag, path in list(inputs.items()) + ([("--out", out)] if oflag == "--log_file" else []):
+            if path and os.path.exists(path) and (os.path.realpath(path) == real or os.path.exists(o) and
+                                                   os.path.samefile(path, o) or  # a hard link too
+                                                   os.path.realpath(path).startswith(state_dir(out) + os.sep)):
+                raise BadInput(f"{oflag} {o} is also this run's {flag}: it would be written over; choose another {oflag}")
+        if oflag == "--out" and folder:
+            if os.path.exists(o) and not os.path.isfile(os.path.join(o, "flow_opd.json")):
+                raise BadInput(f"--out {o} exists and was not written by this project; choose a new folder")
+        else:
+            check_writable(o, oflag)
+    if log and os.path.realpath(log) == os.path.realpath(out):
+        raise BadInput(f"--log_file {log} is also --out; choose another --log_file")
+    done = [p for p in (out, log) if p and os.path.exists(p)]
+    if resumable and os.path.isdir(state_dir(out)) and any(d.startswith("step_") for d in os.listdir(state_dir(out))):
+        done.append(state_dir(out))
+    if done and not (overwrite or resume):
+        raise BadInput(f"{' and '.join(done)} exist{'s' if len(done) == 1 else ''} (a finished or stopped run's): pass "
+                       + ("--resume to continue that run, " if resumable else "") + "--overwrite to replace "
+                       + ("them" if len(done) > 1 else "it") + ", or choose another --out"
+                       + (" (and --log_file)" if log else ""))
+    if overwrite and resume:
+        raise BadInput("--overwrite starts the run again and --resume continues it; give one")
+    if config is not None and resume:  # the checkpoint's flags and world size, checked now; the weights come later
+        load_state(out, config, world=world, read_tensors=False, restore_rng=False, may_change=may_change)
+
+
+def lock_out(out, rank, world, device="cpu"):
+    """Hold a lock on --out for the life of the run, so that two runs never write one output. The lock is an
+    flock on a file in the system's temp folder (named by --out's real path): it dies with the process, so a killed
+    run leaves none behind, and nothing is written beside the outputs. Every rank learns rank 0's verdict."""
+    import fcntl
+    import hashlib
+    ok = torch.ones(1, device=device)
+    if rank == 0:
+        name = hashlib.sha1(os.path.realpath(out).encode()).hexdigest()[:16]
+        folder = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()  # not $TMPDIR: one place for every run
+        LOCK[out] = open(os.path.join(folder, f"flow-opd-{name}.lock"), "w")
+        try:
+            fcntl.flock(LOCK[out], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            ok.zero_()
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise BadInput(f"another run is writing {out} right now; wait for it, or choose another --out")
+
+
+LOCK = {}
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints, --resume
+def state_dir(out):
+    d, name = os.path.split(os.path.abspath(out))
+    return os.path.join(d, f".{name}.resume")  # the whole name: ocr.safetensors and ocr.png never share one
+
+
+def rng_states(*loop_rngs):
+    """Every RNG this process draws from, as JSON: torch (CPU, CUDA), numpy, python and the loop's own Randoms."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate(), "loop": [r.getstate() for r in loop_rngs]}
+
+
+def set_rng_states(st, *loop_rngs):
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if st["cuda"]:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+    np.random.set_state((st["numpy"][0], np.array(st["numpy"][1], dtype=np.uint32), *st["numpy"][2:]))
+    for r, s in zip([random, *loop_rngs], [st["python"], *st["loop"]]):
+        r.setstate((s[0], tuple(s[1]), s[2]))
+
+
+def save_state(out, step, tensors, opt_state, meta, loop_rngs=(), rank=0, world=1, rng=None):
+    """One resumable checkpoint of `step` (every rank calls it), replacing the previous one only once complete.
+    opt_state: the optimizer's state dict as rank 0 holds it (`opt.state_dict()`, or FSDP's gathered one).
+    rng: the RNG states to record (default: now); a step abandoned mid-way records those of its start."""
+    root = state_dir(out)
+    tmp, final = os.path.join(root, f".step_{step:08d}.tmp"), os.path.join(root, f"step_{step:08d}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world)
+    with open(os.path.join(tmp, f"rng_rank{rank}.json"), "w") as f:
+        json.dump(rng or rng_states(*loop_rngs), f)
+    barrier(world)
+    if rank == 0:
+        sd = opt_state  # AdamW: {"state": {i or name: {step, exp_avg, exp_avg_sq}}, "param_groups": [...]}
+        tensors = {**tensors, **{f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}}
+        meta = {**meta, "step": step, "world": world, "param_groups": sd["param_groups"]}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"),
+                  metadata={"flow_opd_state": json.dumps(meta)})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for d in os.listdir(root):
+            if d.startswith("step_") and d != os.path.basename(final):
+                shutil.rmtree(os.path.join(root, d))
+    barrier(world)
+
+
+def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_tensors=True, restore_rng=True):
+    """The latest checkpoint of the run writing `out`: restores every RNG, returns (tensors, meta, optimizer state
+    dict). Refuses other flags than the run's (except those that may change: --steps, logging) and another world
+    size. read_tensors=False reads the metadata alone (FSDP: rank 0 reads the weights and broadcasts them)."""
+    root = state_dir(out)
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    if not steps:
+        raise BadInput(f"--resume: no checkpoint of {out} in {root}; run without --resume to start from scratch")
+    path = os.path.join(root, steps[-1])
+    try:
+        with safe_open(os.path.join(path, "state.safetensors"), "pt") as f:
+            meta = json.loads(f.metadata()["flow_opd_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}
+        rng = json.load(open(os.path.join(path, f"rng_rank{rank}.json")))
+    except Exception as e:
+        raise BadInput(f"--resume: {path} is damaged ({type(e).__name__}); delete it to start from scratch") from None
+    if meta["world"] != world:
+        raise BadInput(f"--resume: {path} was written by {meta['world']} process(es), this run has {world}; "
+                       f"resume with --nproc_per_node={meta['world']}")
+    may_change = {"steps", "resume", "overwrite", "save_every", "log_every", "log_file", "threads", "max_bad_steps",
+                  "micro_batch", "grad_ckpt", "eval_every", "eval_n", "reward_timeout", "reward_retries",
+                  *[k for k in config if k.endswith("_url")], *may_change}  # what cannot change the result
+    now = json.loads(json.dumps(config))
+    changed = [f"--{k} was {meta['config'].get(k)!r}, now {v!r}" for k, v in now.items()
+               if k not in may_change and meta["config"].get(k) != v]
+    if changed:
+        raise BadInput(f"--resume with other flags than the run's: {'; '.join(changed)}; resume with the same flags "
+                       "or drop --resume to start over")
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            i, name = k[4:].rsplit(".", 1)  # a parameter's index, or its name (FSDP's full state dict)
+            state.setdefault(int(i) if i.isdigit() else i, {})[name] = v
+    if restore_rng:
+        try:
+            set_rng_states(rng, *loop_rngs)
+        except Exception as e:
+            raise BadInput(f"--resume: {path}/rng_rank{rank}.json is damaged ({type(e).__name__}); delete {path} to "
+                           "go back to no checkpoint, or drop --resume to start over") from None
+    return tensors, meta, {"state": state, "param_groups": meta["param_groups"]}
+
+
+def resume(args, stream, order_rng, rank, world, expect, may_change=(), read_tensors=True):
+    """--resume: the latest checkpoint's (step, tensors, optimizer state), the RNGs and the prompt position restored;
+    (0, None, None) without --resume. The caller puts its weights back (restore_params, or opd_student's --full)."""
+    if not args.resume:
+        return 0, None, None
+    tensors, meta, opt_state = load_state(args.out, vars(args), rank, world, [order_rng], may_change, read_tensors)
+    for k, v in expect.items():
+        if meta.get(k) != v:
+            raise BadInput(f"--resume: the checkpoint has {k} {meta.get(k)!r}, this run {v!r}; resume with the "
+                           "run's own --model and teachers, or drop --resume")
+    if meta["step"] > args.steps:
+        raise BadInput(f"--resume: the checkpoint of {args.out} is at step {meta['step']}, past --steps {args.steps}; "
+                       f"give --steps {meta['step']} or more")
+    for _ in range(meta["step"] * args.prompts):  # the data position: the prompt stream is a seeded sequence
+        next(stream)
+    if rank == 0:
+        print(f"resumed {args.out} at step {meta['step']}")
+    return meta["step"], tensors, opt_state
+
+
+def restore_params(params, opt, tensors, opt_state, ema=None):
+    """--resume: the trained weights, the optimizer, and the EMA ({"w": weights, "k": its update count})."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+        for i, e in enumerate((ema or {}).get("w", [])):
+            e.copy_(tensors[f"ema.{i}"])
+    if ema is not None and "ema_k" in tensors:
+        ema["k"] = int(tensors["ema_k"])
+    opt.load_state_dict(opt_state)
+
+
+def checkpoint(args, save_out, params, opt, meta, order_rng, rank, world, ema=None, rng=None):
+    """What the next stage reads at --out (rank 0 calls save_out(meta)) and the resumable state beside it: the
+    trained weights, their EMA ({"w": weights, "k": its update count}) and the optimizer."""
+    if rank == 0:
+        save_out({**meta, "config": vars(args)})
+    ema = ema or {}
+    tensors = {**{f"param.{i}": p for i, p in enumerate(params)}, **{f"ema.{i}": e for i, e in enumerate(ema.get("w", []))},
+               "ema_k": torch.tensor([ema.get("k", 0)])}
+    save_state(args.out, meta["step"], tensors, opt.state_dict(), {**meta, "config": vars(args)}, [order_rng], rank,
+               world, rng)
+
+
+def gather_full(module, opt):
+    """The full weights and AdamW state gathered to rank 0 as plain tensors (the same on one process and from FSDP
+    shards; every rank takes part)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_full(module, opt, tensors, opt_state, world):
+    """--full --resume: rank 0 read the checkpoint; it is broadcast and each rank keeps its own shards. (Two calls:
+    set_state_dict would take the other ranks' empty model dict for "optimizer only" and skip the broadcast.)"""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    sd = {k[5:]: v for k, v in tensors.items() if k.startswith("full.")}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(module, sd, options=options)
+    set_optimizer_state_dict(module, opt, opt_state if sd else {}, options=options)
