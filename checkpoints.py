@@ -87,7 +87,7 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
         load_state(out, config, world=world, read_tensors=False, restore_rng=False, may_change=may_change)
 
 
-def lock_out(out, rank, world, device="cpu"):
+def lock_out(out, rank, world, device="cpu", flag="--out"):
     """Hold a lock on --out for the life of the run, so that two runs never write one output. The lock is an
     flock on a file in the system's temp folder (named by --out's real path): it dies with the process, so a killed
     run leaves none behind, and nothing is written beside the outputs. Every rank learns rank 0's verdict."""
@@ -105,7 +105,7 @@ def lock_out(out, rank, world, device="cpu"):
     if world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
-        raise BadInput(f"another run is writing {out} right now; wait for it, or choose another --out")
+        raise BadInput(f"another run is writing {out} right now; wait for it, or choose another {flag}")
 
 
 LOCK = {}

@@ -241,6 +241,9 @@ def pool(paths):
     """Several seeds' table.json -> the mean table (+- the seeds' standard deviation) and the paired differences
     the README quotes (95% interval = 1.96 standard errors)."""
     tables = [json.load(open(p)) for p in paths]
+    seeds = [t["args"]["seed"] for t in tables]
+    if len(set(seeds)) < len(seeds):
+        raise ValueError(f"two tables come from the same seed ({seeds}); pool one table per seed")
     names = [n for n in tables[0]["rows"] if all(n in t["rows"] for t in tables)]
     if not names:
         raise ValueError("the tables have no row in common")
@@ -343,6 +346,8 @@ def main(argv=None):
     named = [("", c) if os.path.exists(c) or "=" not in c else tuple(c.split("=", 1)) for c in args.ckpts]
     named = [(name or os.path.basename(path.rstrip("/")).rsplit(".safetensors", 1)[0], path) for name, path in named]
     slugs = [slug(n) for n, _ in named]
+    if any(not n.isprintable() for n, _ in named):
+        raise BadInput("a row name holds a newline or another control character; name the row with NAME=PATH")
     if any(len(s) > 100 for s in slugs):
         raise BadInput(f"a row name of {max(map(len, slugs))} characters is too long for its picture's file name; "
                        "give at most 100 with NAME=PATH")

@@ -209,8 +209,8 @@ def main(argv=None):
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=args.model.endswith(".safetensors"))
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, config=vars(args), world=world, log=runs.log_path(args))
-    for path in (args.out, runs.log_path(args)):  # one run per output, and per log
-        checkpoints.lock_out(path, rank, world, device)
+    for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
+        checkpoints.lock_out(path, rank, world, device, flag)
     runs.catch_signals()
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
 

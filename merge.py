@@ -83,6 +83,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.weights and not all(1e-6 <= w <= 1e6 for w in args.weights):
         raise BadInput(f"--weights must be numbers from 1e-6 to 1e6 (near 1/K), got {args.weights}")
+    if not args.out.endswith(".safetensors"):
+        raise BadInput(f"--out {args.out}: a merge is written as safetensors; give a .safetensors path")
+    if len({os.path.realpath(p) for p in args.teachers}) < len(args.teachers):
+        raise BadInput("a teacher is given twice; give each teacher once (--weights sets its share)")
     checkpoints.check_out(args.out, {f"teacher {p}": p for p in args.teachers}, args.overwrite, resumable=False)
     pairs, meta = merge_files(args.teachers, args.weights)
     lora.write_lora(args.out, pairs, 1.0, meta)  # scale 1: the weights and the teachers' scales live in B

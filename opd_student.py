@@ -192,7 +192,7 @@ def main(argv=None):
     rank, world, device = runs.dist_setup()
     check_args(args, world)
     routes, skipped = lora.resolve_teachers(args.teachers)
-    tasks = args.tasks or [t for t in sorted(routes) if t != "deqa"]
+    tasks = list(dict.fromkeys(args.tasks or [t for t in sorted(routes) if t != "deqa"]))  # each task once
     for t in [t for t in [*routes, *tasks] if t not in mw.TASKS]:
         raise BadInput(f"unknown task label {t!r} (in --teachers LABEL=PATH or --tasks); labels are {', '.join(mw.TASKS)}")
     if not tasks:
@@ -211,8 +211,8 @@ def main(argv=None):
                                      **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, folder=args.full and not args.model.endswith(".safetensors"),
                           config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args))
-    for path in (args.out, runs.log_path(args)):  # one run per output, and per log
-        checkpoints.lock_out(path, rank, world, device)
+    for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
+        checkpoints.lock_out(path, rank, world, device, flag)
     runs.catch_signals()
     torch.manual_seed(args.seed)
     real_rewards.use_backends(args, list(mw.TASKS) if args.eval_every else [], args.model, device)  # held-out evaluation

@@ -63,7 +63,12 @@ IN_LOOP = False  # set when a training loop starts: from then on, an error is th
 
 def parser(description):
     """Every script's argparse: each flag's default shown in --help."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, as every other bad input (argparse's own prints its whole usage)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+            sys.exit(2)
+    return Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 # ----------------------------------------------------------------------------------------------- torchrun
