@@ -259,7 +259,8 @@ def pool(paths):
     lines += ["", "| paired difference (pooled over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     pairs = [(a, b) for a, b in (("Flow-OPD (Merge)", "GRPO-Mix"), ("Flow-OPD (Merge)", "GRPO-GenEval"),
                                  ("Flow-OPD (Merge)", "GRPO-OCR"), ("Flow-OPD (Merge)", "GRPO-PickScore"),
-                                 ("Flow-OPD (Merge)", "Flow-OPD (Merge) w/o MAR"), ("Flow-OPD (Merge)", "Merge+GRPO-Mix"),
+                                 ("Flow-OPD (Merge)", "Flow-OPD (Merge) w/o MAR"), ("Flow-OPD (Merge)", "Merge"),
+                                 ("Flow-OPD (Merge)", "Merge+GRPO-Mix"),
                                  ("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix"),
                                  ("GRPO-Mix", "GRPO-GenEval"), ("GRPO-Mix", "GRPO-OCR"), ("GRPO-Mix", "GRPO-PickScore"),
                                  ("GRPO-Mix", "GRPO-DeQA"), ("GRPO-GenEval", "Base"), ("GRPO-OCR", "Base"),

@@ -23,13 +23,12 @@ Estimators (--advantage) of the gradient of the KL at the visited states:
                       but noisy (a dot product of the noise with mu_old - mu* over all D dimensions).
   paper               A_t = r_t detached, the paper's text. r_t is a function of x_t only and the ratio scores the
                       action x_t -> x_t+1, so E[r_t grad log pi(x_t+1 | x_t)] = 0: the step's own KL gets no push.
-test_all.py checks them against the closed-form gradient.
---query low queries the teacher at one low-noise state per rollout with plain velocity MSE (DanceOPD) instead.
+test_all.py checks them against the closed-form gradient. --query low (DanceOPD) queries the teacher at one low-noise
+state per rollout, with plain velocity MSE. The mini world trains the first half of the steps (its teachers' window).
 
-By default the deqa (quality) teacher is the MAR anchor and not a routed task, as in the paper (GenEval, OCR and
-PickScore routed). "w/o MAR" is the official ablation: --anchor base, the same beta KL to the frozen base.
-Teachers, the anchor and the student are LoRA adapters on the one frozen base in memory; or, with --full, the
-student is a full copy of the base, sharded with FSDP under torchrun.
+By default the deqa (quality) teacher is the MAR anchor, not a routed task (GenEval, OCR, PickScore), as in the paper;
+"w/o MAR" is the official ablation, --anchor base: the same beta KL, to the frozen base. Teachers, the anchor and the
+student are LoRA adapters on one frozen base in memory; with --full the student is a full copy, sharded by FSDP.
 """
 import copy
 import dataclasses
@@ -145,8 +144,7 @@ def save_full(args, model, sd, meta):
     """The full student (a state dict) at --out: a mini checkpoint (eval.py reads it like a base), or for SD3 a
     diffusers transformer folder, written beside it and renamed."""
     if model.kind == "mini":
-        fm.save_model(model, args.out, {"flow_opd": json.dumps(meta)}, transformer_state=sd)
-        return
+        return fm.save_model(model, args.out, {"flow_opd": json.dumps(meta)}, transformer_state=sd)
     from diffusers import SD3Transformer2DModel
     t = SD3Transformer2DModel.from_config(model.transformer.config)
     t.load_state_dict(sd)
@@ -164,7 +162,7 @@ def main(argv=None):
     ap = runs.parser("Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
     runs.add_common_args(ap)
     grpo.add_update_args(ap)
-    ap.set_defaults(prompts=32, group=1, steps=60, lr=1e-3, ema_decay=None)
+    ap.set_defaults(prompts=32, group=1, steps=60, lr=3e-3, ema_decay=None)  # the mini world's (official: lr 1e-4)
     ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH, LABEL=PATH, or "
                     "folders of them (searched one level deep; bases, mixes, merges and students are skipped)")
     ap.add_argument("--anchor", default="auto", help="MAR anchor (Eq. 12): PATH, 'auto' (the deqa teacher), 'base' "
@@ -422,6 +420,8 @@ def check_teacher_set(args, meta):
 
 
 def check_args(args, world):
+    if args.sde_window is None and args.model.endswith(".safetensors") and args.query == "dense":  # (measured)
+        args.sde_window = [0, (args.sample_steps + 1) // 2]
     sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
     sampler.sde_steps(args.sample_steps, args.sde_window, args.sde_window_size)
     if args.steps < 0:

@@ -136,7 +136,7 @@ def add_common_args(ap):
     ap.add_argument("--sample_steps", type=int, default=10, help="denoising steps of a rollout (T)")
     ap.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("A", "B"), help="make only denoising "
                     "steps A..B-1 stochastic and trained, the rest deterministic (Flow-GRPO-Fast); default: all but the "
-                    "last (Flow-GRPO), except grpo_teacher.py in the mini world: the first half")
+                    "last (Flow-GRPO), except in the mini world: the first half (opd_student.py: with --query dense)")
     ap.add_argument("--sde_window_size", type=int, default=0, metavar="K", help="Flow-GRPO-Fast: each training step "
                     "trains K consecutive steps at a random start within --sde_window (0: the whole window)")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale in rollouts and "
