@@ -4,7 +4,7 @@ memory of the teachers as LoRA adapters on one base against full model copies (t
     python benchmark.py                 # a CUDA GPU: SD3.5-Medium's transformer (its config, random init, ~2.5B)
     python benchmark.py --tiny          # the same code on a tiny config, on CPU, in seconds (what the test runs)
 
-Both iterations run this repo's own functions (sde_sampler.sample, grpo_teacher.policy_step, opd_student's routed
+Both iterations run this repo's own functions (flow_matching.rollout, grpo_teacher.policy_step, opd_student's routed
 teachers, mar.anchor_mean) in bf16 with fp32 SDE math, CFG 4.5, 10 steps, gradient checkpointing, as the real runs:
   GRPO  rollout (10 steps) + per trained step: the frozen reference's velocity (KL to the base) + forward/backward
   OPD   rollout (10 steps) + per trained step: the routed teacher's and the anchor's velocities + forward/backward
@@ -80,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed iterations of each kind (after one warm-up)")
     args = ap.parse_args(argv)
     runs.check_finite(args)
-    sampler.check_sampling_args(args.steps, args.guidance, 0.7, "--steps")
+    runs.check_sampling_args(args.steps, args.guidance, 0.7, "--steps")
     if min(args.batch, args.rank, args.repeats) < 1 or not args.alpha > 0 or args.resolution % 16 or args.resolution < 16:
         raise BadInput("--batch, --rank and --repeats must be >= 1, --alpha > 0, --resolution a positive multiple of 16")
     cuda = torch.cuda.is_available() and not args.tiny
@@ -128,7 +128,7 @@ def main(argv=None):
     def rollout():
         lora.set_adapter(transformer, "student")
         with torch.no_grad():
-            return sampler.sample(model, enc, T, args.guidance, 0.7, sde, resolution=args.resolution)
+            return fm.rollout(model, enc, T, args.guidance, 0.7, sde, resolution=args.resolution)
 
     def update(traj, frozen, loss):
         """Per trained step: the frozen forwards the method needs (no grad), then the student's forward/backward."""
@@ -157,7 +157,7 @@ def main(argv=None):
     def opd_iteration():  # Eq. 7's routed teachers and Eq. 12's anchor at the student's states; Eq. 9's KL + MAR
         def frozen(x, sigmas, t):
             v_star = opd.routed_velocity(model, x, float(sigmas[t]), enc, groups, args.guidance, B)
-            mu_anchor = mar.anchor_mean(model, "anchor", x, sigmas, t, enc, args.guidance, 0.7)
+            mu_anchor = mar.anchor_mean(opd.adapter_velocity(model, "anchor", enc, args.guidance), x, sigmas, t, 0.7)
             return sampler.sde_mean(x, v_star, sigmas, t, 0.7), mu_anchor
 
         def loss(traj, t, lp, mu, mus):

@@ -224,6 +224,23 @@ def resume(args, stream, order_rng, rank, world, expect, may_change=(), read_ten
     return meta["step"], tensors, opt_state
 
 
+def check_teacher_set(args, meta):
+    """--resume must distil the same teachers (content, not just paths) toward the same anchor: say what changed."""
+    if not args.resume:
+        return
+    old = load_state(args.out, vars(args), world=meta["world"], read_tensors=False, restore_rng=False,
+                                 may_change=("teachers", "anchor"))[1]
+    was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
+    sha = lambda x: x.get("sha256") if isinstance(x, dict) else x  # noqa: E731  (content, wherever the file now is)
+    changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
+               + (" (same path, new content)" if t in was and t in now and was[t]["path"] == now[t]["path"] else "")
+               for t in sorted(set(was) | set(now)) if sha(was.get(t)) != sha(now.get(t))]
+    changes += [f"anchor: {old['anchor']} -> {meta['anchor']}"] if sha(old["anchor"]) != sha(meta["anchor"]) else []
+    if changes:
+        raise BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
+                       "with the original teachers, or drop --resume to start over")
+
+
 def restore_params(params, opt, tensors, opt_state, ema=None):
     """--resume: the trained weights, the optimizer, and the EMA ({"w": weights, "k": its update count})."""
     with torch.no_grad():

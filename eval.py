@@ -23,7 +23,7 @@ import miniworld as mw
 import real_rewards
 import rewards
 import runs
-import sde_sampler as sampler
+import sample
 from runs import BadInput
 
 COLUMNS = [("GenEval", "geneval"), ("OCR Acc.", "ocr"), ("DeQA", "deqa"), ("PickScore", "pickscore")]
@@ -112,7 +112,7 @@ def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=
             if runs.stop_signalled():  # Ctrl-C / SIGTERM: stop within one batch
                 raise runs.Interrupted("a stop signal arrived during the evaluation")
             chunk = prompts[i:i + batch]
-            out = sampler.sample(model, fm.encode_prompts(model, chunk), steps, guidance, sde=[], x=noise[i:i + batch])
+            out = fm.rollout(model, fm.encode_prompts(model, chunk), steps, guidance, sde=[], x=noise[i:i + batch])
             img = fm.to_images(model, out["states"][:, -1]).float().cpu()
             vals.append(rewards.metric(task)(img, chunk))
             if i == 0:
@@ -169,59 +169,85 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+UNITS = {"GenEval": "GenEval (fraction right)", "OCR Acc.": "OCR Acc. (1 - edit distance)", "Avg": "Avg (Table 2's)",
+         "DeQA": "DeQA (MOS, 1-5)", "PickScore": "PickScore (0-26)"}
+
+
+def wall_clock(recs):
+    """Each record's training time so far, in seconds (evaluation excluded): a record's t_* fields time its own step,
+    and the steps between two records are taken to cost what the later one did."""
+    out, total, last = [], 0.0, 0
+    for r in recs:
+        total += (r["step"] - last) * sum(v for k, v in r.items() if k.startswith("t_"))
+        last = r["step"]
+        out.append(total)
+    return out
+
+
+def time_to_reach(student, mix, teachers=()):
+    """When the student's held-out Avg first reaches GRPO-Mix's final one: (level, seconds of Stage 2, seconds with
+    its teachers' training, GRPO-Mix's whole run), or None if it never does. Each argument: a log's records."""
+    evals = [(t, r["eval/Avg"]) for r, t in zip(student, wall_clock(student)) if "eval/Avg" in r]
+    level = [r["eval/Avg"] for r in mix if "eval/Avg" in r][-1]
+    t = next((t for t, v in evals if v >= level), None)
+    if t is None:
+        return None
+    stage1 = sum(wall_clock(recs)[-1] for recs in teachers)
+    return level, t, t + stage1, wall_clock(mix)[-1]
+
+
 def curves(logs, table=None, teachers=TEACHERS):
-    """The seesaw as a picture: each metric's held-out score against the training step for each JSONL log (its
-    eval/* records: GRPO-Mix, Flow-OPD), the specialist teachers' and the base's final levels from a table.json as
-    dashed lines, and the student's velocity distance to each teacher (opd/vel_mse/*)."""
+    """The seesaw as a picture: each metric's held-out score (eval/* records) for each JSONL log (GRPO-Mix, Flow-OPD;
+    a single-reward teacher's log counts only for main's time-to-Mix),
+    against the training step (top row) and against training wall-clock seconds (bottom row), with the specialist
+    teachers' and the base's final levels from a table.json as dashed lines."""
     runs_ = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in logs}
+    runs_ = {k: v for k, v in runs_.items() if any(kk.startswith("eval/") for r in v for kk in r)  # the students and
+             and sum(kk.startswith("reward/") for r in v[:1] for kk in r) != 1}                    # mixes, not teachers
+    if not runs_:
+        raise ValueError("the logs hold no held-out evaluation (eval/* records; train with --eval_every N)")
     rows = json.load(open(table))["rows"] if table else {}
-    panels = [(c, f"eval/{c}") for c, _ in COLUMNS] + [("velocity MSE to the teachers", "opd/vel_mse/")]
-    drawn = []
-    W, H, pad = 330, 240, 40
-    img = Image.new("RGB", (W * len(panels), H + 60), "white")
+    titles = [c for c, _ in COLUMNS] + ["Avg"]
+    W, H, pad, top = 300, 230, 46, 24
+    img = Image.new("RGB", (W * len(titles), 2 * H + 20 + 12 * (len(runs_) + 2)), "white")
     draw = ImageDraw.Draw(img)
     palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
-    for k, (title, key) in enumerate(panels):
-        x0 = k * W
-        lines = {}  # label -> [(step, value)]
-        for name, recs in runs_.items():
-            for r in recs:
-                for kk, v in r.items():
-                    if kk == key or (key.endswith("/") and kk.startswith(key)):
-                        label = name if kk == key else f"{name}: {kk[len(key):]}"
-                        lines.setdefault(label, []).append((r["step"], v))
-        levels = {f"{row} (final)": rows[row][title][0] for row in ("Base", teachers.get(title)) if title in rows.get(row, {})}
-        values = [v for pts in lines.values() for _, v in pts] + list(levels.values())
-        if not values:
-            continue
-        drawn.append(title)
-        lo, hi = min(values), max(values)
-        lo, hi = (lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-        steps = [s for pts in lines.values() for s, _ in pts] or [0, 1]
-        sx = lambda s: x0 + pad + (s - min(steps)) / max(max(steps) - min(steps), 1) * (W - pad - 10)
-        sy = lambda v: 20 + (hi - v) / (hi - lo) * (H - 40)
-        draw.rectangle([x0 + pad, 20, x0 + W - 10, H - 20], outline="black")
-        draw.text((x0 + pad, 4), title, fill="black")
-        for v in (lo, hi):
-            draw.text((x0 + 2, sy(v) - 6), f"{v:.3g}", fill="black")
-        draw.text((x0 + pad, H - 16), f"step {min(steps)}", fill="black")
-        draw.text((x0 + W - 60, H - 16), f"{max(steps)}", fill="black")
-        legend = []
-        for i, (label, value) in enumerate(levels.items()):
-            color = (120, 120, 120) if label.startswith("Base") else (0, 0, 0)
-            for xs in range(x0 + pad, x0 + W - 10, 8):
-                draw.line([xs, sy(value), xs + 4, sy(value)], fill=color)
-            legend.append((label, color))
-        for i, (label, pts) in enumerate(sorted(lines.items())):
-            color = palette[i % len(palette)]
-            pts = sorted(pts)
-            draw.line([(sx(s), sy(v)) for s, v in pts] if len(pts) > 1 else [(sx(pts[0][0]), sy(pts[0][1]))] * 2,
-                      fill=color, width=2)
-            legend.append((label, color))
-        for i, (label, color) in enumerate(legend):
-            draw.text((x0 + pad, H + 2 + 11 * i), label[:48], fill=color)
-    if not any(t in drawn for t, _ in COLUMNS):
-        raise ValueError("the logs hold no held-out evaluation (eval/* records; train with --eval_every N)")
+    color = {name: palette[i % len(palette)] for i, name in enumerate(sorted(runs_))}
+    for row, (xname, xs_of) in enumerate((("training step", lambda recs: [r["step"] for r in recs]),
+                                          ("training wall-clock (s)", wall_clock))):
+        for k, title in enumerate(titles):
+            x0, y0 = k * W, row * H
+            lines = {name: [(x, r[f"eval/{title}"]) for x, r in zip(xs_of(recs), recs) if f"eval/{title}" in r]
+                     for name, recs in runs_.items()}
+            levels = {row_: rows[row_][title][0] for row_ in ("Base", teachers.get(title)) if title in rows.get(row_, {})}
+            values = [v for p in lines.values() for _, v in p] + list(levels.values())
+            xs = [x for p in lines.values() for x, _ in p]
+            if not values:
+                continue
+            lo, hi = min(values), max(values)
+            lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+            x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1e-9)
+            sx = lambda x: x0 + pad + (x - x_lo) / (x_hi - x_lo) * (W - pad - 10)  # noqa: E731
+            sy = lambda v: y0 + top + (hi - v) / (hi - lo) * (H - top - 30)  # noqa: E731
+            draw.rectangle([x0 + pad, y0 + top, x0 + W - 10, y0 + H - 30], outline="black")
+            draw.text((x0 + pad, y0 + 6), UNITS[title], fill="black")
+            for v in (lo, (lo + hi) / 2, hi):
+                draw.text((x0 + 4, sy(v) - 6), f"{v:.3g}", fill="black")
+            for x in (x_lo, (x_lo + x_hi) / 2, x_hi):
+                draw.text((sx(x) - 10, y0 + H - 28), f"{x:.0f}", fill="black")
+            draw.text((x0 + pad + 60, y0 + H - 16), xname, fill="black")
+            for name, value in levels.items():
+                for xd in range(x0 + pad, x0 + W - 10, 8):
+                    draw.line([xd, sy(value), xd + 4, sy(value)], fill=(150, 150, 150) if name == "Base" else (0, 0, 0))
+                draw.text((x0 + W - 10 - 7 * len(name), sy(value) - 11), name, fill=(90, 90, 90))
+            for name, p in lines.items():
+                p = sorted(p)
+                draw.line([(sx(x), sy(v)) for x, v in p] if len(p) > 1 else [(sx(p[0][0]), sy(p[0][1]))] * 2,
+                          fill=color[name], width=2)
+    for y, name in enumerate(sorted(runs_)):
+        draw.text((pad, 2 * H + 6 + 12 * y), f"{name} (held-out, EMA weights)", fill=color[name])
+    draw.text((pad, 2 * H + 6 + 12 * len(runs_)), "dashed: final levels from the table (grey: Base; black: the column's specialist teacher)",
+              fill="black")
     return img
 
 
@@ -286,6 +312,16 @@ def draw_curves(args):
         raise BadInput(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
     try:
         picture = curves(args.curves, args.table)
+        logs = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in args.curves}
+        students = [n for n, recs in logs.items() if any(k.startswith("opd/") for r in recs for k in r)]
+        rewarded = {n: sum(k.startswith("reward/") for r in recs[:1] for k in r) for n, recs in logs.items()}
+        mixes = [n for n, k in rewarded.items() if k > 1]
+        singles = [logs[n] for n, k in rewarded.items() if k == 1]
+        for s, m in [(s, m) for s in students for m in mixes]:
+            hit = time_to_reach(logs[s], logs[m], singles)
+            print(f"{s} never reaches {m}'s final Avg" if hit is None else
+                  f"{s} first reaches {m}'s final Avg {hit[0]:.3f} after {hit[1]:.0f} s of Stage 2, {hit[2]:.0f} s with "
+                  f"its {len(singles)} teachers' training; {m}'s whole run took {hit[3]:.0f} s")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
         raise BadInput(f"cannot read the logs or the table ({type(e).__name__}: {e}); give JSONL training logs and "
                        "an eval.py table.json") from None
@@ -339,7 +375,7 @@ def main(argv=None):
         raise BadInput(f"--n must be 2..10000 prompts per task and --batch >= 1, got {args.n} and {args.batch}")
     if not args.out:
         raise BadInput("--out is empty; give the folder to write the table and the grids to")
-    sampler.check_sampling_args(args.steps, args.guidance, 0.0, "--steps")
+    runs.check_sampling_args(args.steps, args.guidance, 0.0, "--steps")
     checkpoints.check_writable(os.path.join(args.out, "table.md"))
     previous = os.path.join(args.out, "table.json")
     if os.path.exists(previous) and not args.overwrite:
@@ -399,7 +435,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
     files = [f"{slug(name)}.png" for name in pictures] + ["compare.png", "table.md", "table.json"]
     for name, images in pictures.items():
-        sampler.grid(images, shown).save(os.path.join(args.out, f"{slug(name)}.png"))
+        sample.grid(images, shown).save(os.path.join(args.out, f"{slug(name)}.png"))
     comparison(pictures, shown).save(os.path.join(args.out, "compare.png"))
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -13,8 +13,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from tqdm import tqdm
 import checkpoints
 import miniworld as mw
 import runs
+import sde_sampler as sampler
 from runs import BadInput
 
 MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
@@ -79,10 +81,16 @@ def mini_scheduler():
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
-def new_mini_model(seed=0):
+def mini_config(depth=4, width=128):
+    """SD3's MMDiT at the mini world's size: `depth` joint blocks, `width` = 32-dim heads x heads."""
+    return {**MINI_CONFIG, "num_layers": depth, "num_attention_heads": width // 32, "caption_projection_dim": width}
+
+
+def new_mini_model(seed=0, depth=4, width=128):
     torch.manual_seed(seed)
     from diffusers import SD3Transformer2DModel
-    return Model(SD3Transformer2DModel(**MINI_CONFIG), "mini", text_encoder=MiniTextEncoder(), config=dict(MINI_CONFIG),
+    config = mini_config(depth, width)
+    return Model(SD3Transformer2DModel(**config), "mini", text_encoder=MiniTextEncoder(), config=config,
                  scheduler=mini_scheduler())
 
 
@@ -96,10 +104,15 @@ def check_resolution(source, resolution, transformer_config, vae_factor):
                        f"{vae_factor} x patch {transformer_config['patch_size']}) between {unit} and {largest}")
 
 
+def is_mini(source):
+    """Is --model the mini world's (a .safetensors base) rather than an SD3 pipeline (a folder or hub id)?"""
+    return source.endswith(".safetensors")
+
+
 def load_model(source, device="cpu", dtype=torch.float32, resolution=512):
     """A mini checkpoint (.safetensors) or an SD3 pipeline (a diffusers directory or hub id). For SD3, --resolution is
     checked against the model (before loading when the directory is local)."""
-    if source.endswith(".safetensors"):
+    if is_mini(source):
         if not os.path.isfile(source):
             raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
         try:
@@ -182,6 +195,36 @@ def save_model(model, path, meta=None, transformer_state=None):
     checkpoints.atomic_save(sd, path, {k: str(v) for k, v in meta.items()})
 
 
+def full_student(model, transformer, pairs, scale, world):
+    """--full: the student is a full copy of the base in float32, cold-started by folding the cold start's deltas
+    (scale B A) into its weights; under torchrun sharded with FSDP (runs.fsdp_shard)."""
+    with torch.no_grad():
+        for mod, (A, B) in (pairs or {}).items():
+            W = transformer.get_submodule(mod).weight
+            W += (scale * B @ A).to(W)
+    transformer.requires_grad_(True)
+    if world > 1:
+        runs.fsdp_shard(transformer, next(model.transformer.parameters()).dtype)
+    return replace(model, transformer=transformer)
+
+
+def save_full(out, model, sd, meta):
+    """A full student (a state dict) at `out`: a mini checkpoint (eval.py reads it like a base), or for SD3 a
+    diffusers transformer folder, written beside it and renamed."""
+    if model.kind == "mini":
+        return save_model(model, out, {"flow_opd": json.dumps(meta)}, transformer_state=sd)
+    from diffusers import SD3Transformer2DModel
+    t = SD3Transformer2DModel.from_config(model.transformer.config)
+    t.load_state_dict(sd)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t.save_pretrained(tmp)
+    with open(os.path.join(tmp, "flow_opd.json"), "w") as f:  # what makes it ours to replace on a re-run
+        json.dump(meta, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def fingerprint(model):
     """A short hash of the base weights, so teachers trained on another base can be refused."""
     h = hashlib.sha256()
@@ -255,6 +298,17 @@ def velocity(model, x, sigma, enc, guidance=1.0, detach_uncond=False):
     return v
 
 
+def rollout(model, enc, steps, guidance=1.0, noise_level=0.7, sde=None, x=None, eps=None, generator=None,
+            resolution=None):
+    """The sampler (Eq. 5-6, sde_sampler.sample) with this model's velocity, on its pipeline's sigma grid.
+    x: the initial noise (default: drawn from `generator`); the rest as sde_sampler.sample."""
+    sigmas = sampler.sigma_schedule(model.scheduler, steps)
+    if x is None:
+        x = torch.randn((enc["seq"].shape[0], *model.latent_shape(resolution)), generator=generator, dtype=torch.float32)
+    return sampler.sample(lambda x_t, sigma: velocity(model, x_t, sigma, enc, guidance), x.to(model.device), sigmas,
+                          noise_level, sde, eps, generator)
+
+
 @torch.no_grad()
 def to_images(model, x):
     """Final samples -> images (B, 3, H, W) in [0, 1]."""
@@ -297,6 +351,8 @@ def main(argv=None):
     ap.add_argument("--out", default="ckpts/base.safetensors", help="the base checkpoint to write")
     ap.add_argument("--steps", type=int, default=4600, help="training steps")
     ap.add_argument("--batch", type=int, default=32, help="images per step")
+    ap.add_argument("--depth", type=int, default=4, help="MMDiT blocks")
+    ap.add_argument("--width", type=int, default=128, help="MMDiT width (a multiple of its 32-dim heads)")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine decay)")
     ap.add_argument("--ema", type=float, default=0.999, help="decay of the weights' EMA, which is what gets saved")
     ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")
@@ -309,9 +365,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     runs.check_finite(args)
     if min(args.steps, args.batch, args.save_every, args.max_bad_steps) < 1 or not args.lr > 0 \
-            or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1 or args.threads < 0:
-        raise BadInput("--steps, --batch, --save_every and --max_bad_steps must be >= 1, --lr > 0, "
-                       "0 <= --cfg_drop < 1, 0 <= --ema < 1, --threads >= 0 (0: torch's default)")
+            or not 0 <= args.cfg_drop < 1 or not 0 <= args.ema < 1 or args.threads < 0 or args.depth < 1 \
+            or args.width < 32 or args.width % 32:
+        raise BadInput("--steps, --batch, --save_every, --max_bad_steps and --depth must be >= 1, --width a multiple "
+                       "of 32, --lr > 0, 0 <= --cfg_drop < 1, 0 <= --ema < 1, --threads >= 0 (0: torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoints.check_out(args.out, {}, args.overwrite, args.resume, config=vars(args))
@@ -319,7 +376,7 @@ def main(argv=None):
     runs.catch_signals()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = new_mini_model(args.seed)
+    model = new_mini_model(args.seed, args.depth, args.width)
     model.transformer.to(device), model.text_encoder.to(device)
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     ema = [p.detach().clone() for p in params]

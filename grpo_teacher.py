@@ -1,4 +1,4 @@
-"""Stage 1: a Flow-GRPO teacher for one reward, as a LoRA adapter on a frozen base (PAPER.md, "Stage 1").
+"""Stage 1: a Flow-GRPO teacher for one reward, as a LoRA adapter on a frozen base (the paper's "Stage 1").
 
     python grpo_teacher.py --reward ocr                                    # a specialist teacher
     python grpo_teacher.py --reward geneval:0.4,ocr:0.3,pickscore:0.3     # GRPO-Mix, the baseline
@@ -138,10 +138,10 @@ def add_update_args(ap):
     ap.add_argument("--opt_steps", type=int, default=2, help="optimizer steps per batch of rollouts, each over an "
                     "equal part of them (Flow-GRPO: 2)")
     ap.add_argument("--ema_decay", type=float, default=0.9, help="EMA of the trained weights, saved and evaluated "
-                    "(Flow-GRPO: 0.9); 0 keeps none")
+                    "(Flow-GRPO: 0.9; a --full student keeps none); 0 keeps none")
     ap.add_argument("--ema_every", type=int, default=8, help="optimizer steps between EMA updates (Flow-GRPO: 8)")
     ap.add_argument("--eval_every", type=int, default=None, help="evaluate on --eval_n held-out prompts per task "
-                    "every N steps, logged as eval/* (default: 10 in the mini world, off for SD3; 0: off)")
+                    "every N steps, logged as eval/* (mini world: 10; SD3: 0, off)")
     ap.add_argument("--eval_n", type=int, default=32, help="held-out prompts per task of that evaluation")
 
 
@@ -163,11 +163,17 @@ def eval_log(model, params, ema, args, step, rank, every_rank=False):
     return {f"eval/{k}": v[0] for k, v in ev.summarise(scores).items()}
 
 
+def per_world(args):
+    """The defaults that differ between the worlds. The mini world trains Flow-GRPO-Fast's window, the first half of
+    the denoising steps (the SD3 grid's last SDE steps leave pixel images too noisy to score: DeQA 2.8 against 4.4
+    for the ODE), and evaluates every 10 steps; SD3 trains every SDE step but the last, as Flow-GRPO does."""
+    mini = fm.is_mini(args.model)
+    return {"sde_window": [0, (args.sample_steps + 1) // 2] if mini else None, "eval_every": 10 if mini else 0}
+
+
 def check_args(args, world):
-    if args.sde_window is None and args.model.endswith(".safetensors"):  # the mini world: Flow-GRPO-Fast's window
-        args.sde_window = [0, (args.sample_steps + 1) // 2]
-    sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
-    sampler.sde_steps(args.sample_steps, args.sde_window, args.sde_window_size)
+    runs.check_sampling_args(args.sample_steps, args.guidance, args.noise_level, window=args.sde_window,
+                             window_size=args.sde_window_size)
     runs.check_common_args(args, world)
     if args.group < 2:
         raise BadInput(f"--group {args.group}: group-relative advantages need at least 2 samples per prompt")
@@ -175,17 +181,13 @@ def check_args(args, world):
             and 0 <= args.ema_decay < 1 and args.eval_n >= 2):
         raise BadInput("--beta must be >= 0, --adv_clip > 0, --opt_steps and --ema_every >= 1, 0 <= --ema_decay < 1, "
                        "--eval_n >= 2")
-    args.eval_every = (10 if args.model.endswith(".safetensors") else 0) if args.eval_every is None else args.eval_every
 
 
 def main(argv=None):
     ap = runs.parser("Stage 1: train a Flow-GRPO LoRA teacher for one reward (or GRPO-Mix).")
     runs.add_common_args(ap)
     add_update_args(ap)
-    # the mini world's recipe (measured; Flow-GRPO on SD3.5: --lr 3e-4, thousands of steps, --sde_window 0 9): the
-    # first half of the denoising steps stochastic and trained (Flow-GRPO-Fast), the rest deterministic, because the
-    # SD3 grid's last SDE steps leave pixel-space images too noisy to score (DeQA 2.8 against 4.4 for the ODE)
-    ap.set_defaults(lr=1e-3, steps=50)
+    ap.set_defaults(lr=1e-3, steps=50)  # the mini world's (measured); Flow-GRPO on SD3.5: --lr 3e-4, thousands of steps
     ap.add_argument("--reward", default="ocr", help="geneval | ocr | pickscore | deqa, or name:weight,... (GRPO-Mix)")
     ap.add_argument("--beta", type=float, default=0.04, help="KL to the frozen base (Flow-GRPO: 0.04, PickScore 0.01)")
     ap.add_argument("--adv_std", choices=["global", "group"], default="global", help="advantages divide by the std of "
@@ -197,7 +199,7 @@ def main(argv=None):
                     "Table 2's Merge+GRPO-Mix and SFT+GRPO-Mix) instead of a new rank --rank adapter")
     ap.add_argument("--out", default=None, help="default: ckpts/teachers/<reward>.safetensors, or ckpts/baselines/ for a mix")
     real_rewards.add_args(ap)
-    args = ap.parse_args(argv)
+    args = runs.parse(ap, argv, per_world)
     rank, world, device = runs.dist_setup()
     weights = rewards.parse_spec(args.reward)
     tasks = list(dict.fromkeys(weights))  # a reward's name is the task label it serves
@@ -206,7 +208,7 @@ def main(argv=None):
         raise BadInput("--out is empty; give the file to write, or leave --out out for the default path")
     args.out = args.out or f"ckpts/{'teachers' if role == 'teacher' else 'baselines'}/{'+'.join(tasks)}.safetensors"
     check_args(args, world)
-    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=args.model.endswith(".safetensors"))
+    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, config=vars(args), world=world, log=runs.log_path(args))
     for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
@@ -268,7 +270,7 @@ def main(argv=None):
         x, eps = runs.sample_noise(args.seed, step, local, model.latent_shape(args.resolution), T)
         sde = sampler.sde_steps(T, args.sde_window, args.sde_window_size, seed=args.seed * 1_000_003 + step)
         lora.set_adapter(model.transformer, "policy")
-        traj = sampler.sample(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
+        traj = fm.rollout(model, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
         states, sigmas, old_lp = traj["states"], traj["sigmas"], traj["log_probs"].to(device)
         t1 = time.time()
         try:

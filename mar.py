@@ -8,32 +8,27 @@ covariance (Eq. 6), so the KL is a distance between means, and since mu is affin
 velocities. Unlike Eq. 10's dense reward, this term keeps its gradient through mu_theta: it pulls the student's
 step toward the anchor's at every state the student visits, keeping it on the anchor's high-quality manifold.
 As the official code (and Flow-GRPO's KL to its reference) weighs it: per dimension, / 2 s_t^2, i.e. Eq. 12's KL
-times (-dt) / D (sampler.kl), so that the official beta = 0.04 means what it means there. The official "w/o MAR"
-keeps this same term with the frozen base as the anchor (anchor None here).
+times (-dt) / D (sde_sampler.kl), so that the official beta = 0.04 means what it means there. The official "w/o MAR"
+keeps this same term with the frozen base as the anchor (opd_student.py --anchor base).
+Pure math on torch: the anchor's forward comes in as a function velocity(x, sigma) -> v.
 """
 import torch
 
-import flow_matching as fm
-import lora
 import sde_sampler as sampler
 
 BETA = 0.04  # the official code's weight
 
 
-def mar_kl(mu_student, mu_anchor, sigmas, t, noise_level):
-    """Eq. 12's KL per sample, on Flow-GRPO's scale: (B,). Gradient flows into mu_student only."""
-    return sampler.kl(mu_student, mu_anchor.detach(), sigmas, t, noise_level)
-
-
 @torch.no_grad()
-def anchor_mean(model, anchor, x_t, sigmas, t, enc, guidance, noise_level):
-    """mu_A(x_t): the anchor adapter's Gaussian step at the student's state (Eq. 5 with v_A); anchor None: the
-    frozen base (every adapter off)."""
-    active = lora.active_adapter(model.transformer)
-    lora.set_adapter(model.transformer, anchor)
-    v_anchor = fm.velocity(model, x_t, float(sigmas[t]), enc, guidance)
-    lora.set_adapter(model.transformer, active)
-    return sampler.sde_mean(x_t, v_anchor, sigmas, t, noise_level)
+def anchor_mean(anchor_velocity, x_t, sigmas, t, noise_level):
+    """mu_A(x_t): the anchor's Gaussian step at the student's state (Eq. 5 with v_A = anchor_velocity(x_t, sigma_t))."""
+    return sampler.sde_mean(x_t, anchor_velocity(x_t, float(sigmas[t])), sigmas, t, noise_level)
+
+
+def mar_kl(mu_student, mu_anchor, sigmas, t, noise_level):
+    """Eq. 12's KL(pi_theta || pi_A) per sample, on the losses' scale (sde_sampler.kl): (B,). The gradient flows
+    into mu_student only."""
+    return sampler.kl(mu_student, mu_anchor.detach(), sigmas, t, noise_level)
 
 
 def mar_loss(mu_student, mu_anchor, sigmas, t, noise_level, beta=BETA):

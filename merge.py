@@ -1,4 +1,4 @@
-"""Stage 2 cold start by model merging (PAPER.md, "Stage 2 - cold start"):
+"""Stage 2's cold start by model merging (the paper's "Stage 2: cold start"):
 
     theta = theta_base + sum_k w_k Delta_k,   Delta_k = s_k B_k A_k   (s_k = alpha_k / r_k, or alpha_k / sqrt(r_k) with rsLoRA)
 
@@ -7,17 +7,13 @@
 Exact: the factors are stacked, A = [A_1; ...; A_K] and B = [w_1 s_1 B_1, ..., w_K s_K B_K] with s_k each teacher's scale,
 so B A = sum_k w_k Delta_k to float precision, as a LoRA of rank sum_k r_k (scale 1). Averaging A_k and B_k
 separately (the official code) gives (sum_k B_k)(sum_k A_k) / K^2, cross terms B_j A_k included, which is not the
-average of the deltas. Teachers trained on different bases are refused.
+average of the deltas. Teachers trained on different bases are refused. merge_pairs, the math, needs torch alone;
+reading and writing adapter files (merge_files, the command line) imports the project's LoRA files where used.
 """
 import hashlib
 import os
 
 import torch
-
-import checkpoints
-import lora
-import runs
-from runs import BadInput
 
 
 def sha256(path):
@@ -50,7 +46,9 @@ def merge_pairs(teachers, weights):
 
 
 def merge_files(paths, weights=None):
-    """Read teacher LoRAs, check they share one base, merge. Returns (pairs, rank, metadata)."""
+    """Read teacher LoRAs, check they share one base, merge. Returns (pairs, metadata)."""
+    import lora
+    from runs import BadInput
     if not paths:
         raise BadInput("give at least one teacher to merge")
     weights = weights or [1.0 / len(paths)] * len(paths)
@@ -75,6 +73,10 @@ def merge_files(paths, weights=None):
 
 
 def main(argv=None):
+    import checkpoints
+    import lora
+    import runs
+    from runs import BadInput
     ap = runs.parser("Merge LoRA teachers exactly: theta_base + sum_k w_k (alpha_k/r_k) B_k A_k.")
     ap.add_argument("teachers", nargs="+", help="teacher LoRA files or peft adapter directories")
     ap.add_argument("--weights", type=float, nargs="+", default=None, help="w_k per teacher (default 1/K each)")
@@ -96,4 +98,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import runs
     runs.run(main)

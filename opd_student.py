@@ -3,16 +3,15 @@
     torchrun --nproc_per_node=8 opd_student.py --teachers ckpts/*
     python opd_student.py --teachers geneval=A.safetensors ocr=B.safetensors pickscore=C --anchor D --init merge
 
-One step, top to bottom:
+One step of main(), top to bottom:
   1. the student samples its own SDE trajectories (Eq. 5-6)
   2. each prompt is routed to the one teacher of its task label, k(c) (Eq. 7)
-  3. that teacher's velocity v* at every state the student visited
+  3. that teacher's velocity v* at every state the student visited, and the MAR anchor's mean there
   4. the dense reward r_t = -lambda_t || sg[v_theta] - v* ||^2 (Eq. 9-10): minus the KL between the student's and the
-     teacher's Gaussian steps, here on Flow-GRPO's scale (per dimension, / 2 s_t^2; ../shared/DECISIONS.md, 1)
-  5. the update: Eq. 11 with an advantage built from step 4 (by default, its expectation in closed form: the
-     gradient of the KL itself), plus MAR toward the frozen quality anchor (Eq. 12, mar.py), as Flow-GRPO updates
+     teacher's Gaussian steps, on Flow-GRPO's scale (per dimension, / 2 s_t^2: docs/conventions.md)
+  5. the update: opd_loss (Eq. 9-11) plus MAR toward the frozen quality anchor (Eq. 12), as Flow-GRPO updates
 
-Estimators (--advantage) of the gradient of the KL at the visited states:
+Estimators (--advantage) of the gradient of the KL at the visited states, one branch each of opd_loss:
   analytic (default)  the loss is the step's KL itself, gradient through mu_theta, as Eq. 12 treats the anchor. This
                       is what the official code computes: its advantage is -KL from the gradient-carrying forward,
                       so its gradient is the KL's own (its ratio is 1 at the first update).
@@ -24,18 +23,15 @@ Estimators (--advantage) of the gradient of the KL at the visited states:
   paper               A_t = r_t detached, the paper's text. r_t is a function of x_t only and the ratio scores the
                       action x_t -> x_t+1, so E[r_t grad log pi(x_t+1 | x_t)] = 0: the step's own KL gets no push.
 test_all.py checks them against the closed-form gradient. --query low (DanceOPD) queries the teacher at one low-noise
-state per rollout, with plain velocity MSE. The mini world trains the first half of the steps (its teachers' window).
+state per rollout, with plain velocity MSE.
 
 By default the deqa (quality) teacher is the MAR anchor, not a routed task (GenEval, OCR, PickScore), as in the paper;
 "w/o MAR" is the official ablation, --anchor base: the same beta KL, to the frozen base. Teachers, the anchor and the
 student are LoRA adapters on one frozen base in memory; with --full the student is a full copy, sharded by FSDP.
 """
 import copy
-import dataclasses
-import json
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -54,27 +50,42 @@ import sde_sampler as sampler
 from runs import BadInput
 
 
-# ----------------------------------------------------------------------------------------------- Eq. 7, 9, 10
-def kappa_lambda(sigmas, t, noise_level):
-    """kappa_t = 1 + s_t^2 (1 - sigma_t) / (2 sigma_t),  lambda_t = (-dt) kappa_t^2 / (2 s_t^2)   (Eq. 9)."""
-    sigma, sigma_next = float(sigmas[t]), float(sigmas[t + 1])
-    s, _ = sampler.step_noise(sigmas, t, noise_level)
-    kappa = 1 + s ** 2 * (1 - sigma) / (2 * sigma)
-    return kappa, (sigma - sigma_next) * kappa ** 2 / (2 * s ** 2)
-
-
+# ----------------------------------------------------------------------------------------------- Eq. 7, 9-12
 def dense_reward(v_student, v_target, sigmas, t, noise_level):
-    """Eq. 10: r_t = -lambda_t || sg[v_theta] - v* ||^2 = minus Eq. 9's KL, as the losses weigh it: per dimension and
-    times (-dt) (Flow-GRPO's scale, sampler.kl). (B,) Times D / (-dt) it is the paper's r_t (tested)."""
-    _, lam = kappa_lambda(sigmas, t, noise_level)
-    dt = float(sigmas[t] - sigmas[t + 1])
-    return -dt * lam * ((v_student.detach().float() - v_target.float()) ** 2).flatten(1).mean(1)
+    """Eq. 10, r_t = -lambda_t || sg[v_theta] - v* ||^2, on the losses' scale: times (-dt) / D, which makes it
+    -sampler.kl of the two steps' means (tested). (B,)"""
+    _, lam = sampler.kappa_lambda(sigmas, t, noise_level)
+    dt = float(sigmas[t + 1] - sigmas[t])
+    return dt * lam * ((v_student.detach().float() - v_target.float()) ** 2).flatten(1).mean(1)
 
 
 def return_to_go(reward):
     """(B, T) dense rewards -> (B, T): the sum of each step's later rewards (the exact trajectory-KL gradient's
     extra advantage)."""
     return reward.flip(1).cumsum(1).flip(1) - reward
+
+
+def opd_loss(args, v, log_prob, mu, x_t, x_next, v_star, old_log_prob, reward, later, sigmas, t):
+    """Stage 2's loss of the student's step x_t -> x_next, per sample (b,): Eq. 9-11 for --query and --advantage
+    (MAR, Eq. 12, is added beside it). v, log_prob, mu: the student's velocity, log pi_theta(x_next | x_t) and mean at
+    x_t, with gradient (grpo.policy_step); v_star: the routed teachers' velocity there (Eq. 7); old_log_prob, reward
+    and later: the rollout's log pi_old, dense rewards (Eq. 10) and their return-to-go, read only where needed."""
+    if args.query == "low":  # DanceOPD: one low-noise state per rollout, plain velocity MSE
+        return ((v.float() - v_star) ** 2).flatten(1).mean(1)
+    mu_star = sampler.sde_mean(x_t, v_star, sigmas, t, args.noise_level)  # the teacher's step (Eq. 5 with v*)
+    if args.advantage == "analytic":  # the step's KL itself (Eq. 9), gradient through mu_theta
+        return sampler.kl(mu, mu_star, sigmas, t, args.noise_level)
+    # Eq. 11's ratio is of densities averaged over the D dimensions (Flow-GRPO's log-prob), so an advantage on the
+    # KL's scale carries a factor D for its gradient to be the KL's (tested)
+    D, dt = x_t[0].numel(), float(sigmas[t + 1] - sigmas[t])
+    if args.advantage == "rtg":
+        pg, _ = grpo.clipped_surrogate(log_prob, old_log_prob, D * later, args.clip)
+        return sampler.kl(mu, mu_star, sigmas, t, args.noise_level) + pg
+    if args.advantage == "paper":  # the paper's A_t = r_t, as the official code
+        return grpo.clipped_surrogate(log_prob, old_log_prob, reward, args.clip)[0]
+    _, std = sampler.step_noise(sigmas, t, args.noise_level)  # logratio
+    adv = D * -dt * (sampler.log_prob(x_next, mu_star, std) - old_log_prob)
+    return grpo.clipped_surrogate(log_prob, old_log_prob, adv, args.clip)[0]
 
 
 def route(prompts, routes):
@@ -99,8 +110,10 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
     return v_star
 
 
-def sft_cold_start(model, student, params, routes, tasks, args, device, world=1):
-    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student."""
+# ----------------------------------------------------------------------------------------------- cold starts
+def sft_cold_start(model, student, params, routes, tasks, args, device, rank=0, world=1):
+    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student. False if a stop signal
+    ended it (before any checkpoint: the same command starts over)."""
     opt = torch.optim.AdamW(params, lr=args.sft_lr)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=model.kind == "mini")
     pool = []
@@ -110,59 +123,35 @@ def sft_cold_start(model, student, params, routes, tasks, args, device, world=1)
             lora.set_adapter(model.transformer, f"teacher:{task}")
             enc = fm.encode_prompts(model, [prompts[j] for j in idx])
             g = torch.Generator().manual_seed(args.seed * 7919 + i)
-            out = sampler.sample(model, enc, args.sample_steps, args.guidance, sde=[], generator=g,
-                                 resolution=args.resolution)
+            out = fm.rollout(model, enc, args.sample_steps, args.guidance, sde=[], generator=g,
+                             resolution=args.resolution)
             pool += [(prompts[j], out["states"][k, -1]) for k, j in enumerate(idx)]
     if not args.full:
         lora.set_adapter(student.transformer, "student")
     rng = random.Random(args.seed)
     for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
         if runs.stop_requested(world, device):  # every rank agrees, or FSDP's collectives hang
-            raise runs.Interrupted("a stop signal arrived during the SFT cold start")
+            if rank == 0:
+                print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} during the SFT cold start, "
+                      "before any checkpoint; run the same command again to start over")
+            return False
         batch = rng.sample(pool, min(args.micro_batch, len(pool)))
         x0 = torch.stack([x for _, x in batch]).to(device)
         loss = fm.flow_matching_loss(student, x0, fm.encode_prompts(model, [p for p, _ in batch])).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if not args.full:  # (every rank trained on the same pool; FSDP keeps its shards in step by itself)
+        runs.all_reduce_mean([p.data for p in params], world)
+    return True
 
 
-def full_student(model, transformer, pairs, scale, world):
-    """--full: the student is a full copy of the base in float32, cold-started by folding the cold start's deltas
-    (scale B A) into its weights; under torchrun sharded with FSDP (runs.fsdp_shard)."""
-    with torch.no_grad():
-        for mod, (A, B) in (pairs or {}).items():
-            W = transformer.get_submodule(mod).weight
-            W += (scale * B @ A).to(W)
-    transformer.requires_grad_(True)
-    if world > 1:
-        runs.fsdp_shard(transformer, next(model.transformer.parameters()).dtype)
-    return dataclasses.replace(model, transformer=transformer)
-
-
-def save_full(args, model, sd, meta):
-    """The full student (a state dict) at --out: a mini checkpoint (eval.py reads it like a base), or for SD3 a
-    diffusers transformer folder, written beside it and renamed."""
-    if model.kind == "mini":
-        return fm.save_model(model, args.out, {"flow_opd": json.dumps(meta)}, transformer_state=sd)
-    from diffusers import SD3Transformer2DModel
-    t = SD3Transformer2DModel.from_config(model.transformer.config)
-    t.load_state_dict(sd)
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    t.save_pretrained(tmp)
-    with open(os.path.join(tmp, "flow_opd.json"), "w") as f:  # what makes it ours to replace on a re-run
-        json.dump(meta, f)
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.replace(tmp, args.out)
-
-
-# ----------------------------------------------------------------------------------------------- the loop
-def main(argv=None):
+# ----------------------------------------------------------------------------------------------- set-up
+def parse_args(argv=None):
     ap = runs.parser("Stage 2: Flow-OPD, multi-teacher on-policy distillation with MAR.")
     runs.add_common_args(ap)
     grpo.add_update_args(ap)
-    ap.set_defaults(prompts=32, group=1, steps=60, lr=3e-3, ema_decay=None)  # the mini world's (official: lr 1e-4)
+    ap.set_defaults(prompts=32, group=1, steps=60, lr=3e-3)  # the mini world's (official: lr 1e-4)
     ap.add_argument("--teachers", nargs="+", default=["ckpts/teachers"], help="teacher LoRAs: PATH, LABEL=PATH, or "
                     "folders of them (searched one level deep; bases, mixes, merges and students are skipped)")
     ap.add_argument("--anchor", default="auto", help="MAR anchor (Eq. 12): PATH, 'auto' (the deqa teacher), 'base' "
@@ -186,9 +175,22 @@ def main(argv=None):
     ap.add_argument("--out", default="ckpts/students/opd.safetensors", help="the student (with --steps 0: the cold "
                     "start alone)")
     real_rewards.add_args(ap)
-    args = ap.parse_args(argv)
-    rank, world, device = runs.dist_setup()
-    check_args(args, world)
+    return runs.parse(ap, argv, per_world)
+
+
+def per_world(args):
+    """The defaults that differ between the worlds. With a dense query the mini world trains the first half of the
+    denoising steps, the window its teachers were trained on (measured: it closes the OCR gap to the teacher; the
+    official code trains every SDE step but the last, as SD3 does here), and evaluates every 10 steps. A full
+    student keeps no EMA (it would be a second full copy)."""
+    mini = fm.is_mini(args.model)
+    return {"sde_window": [0, (args.sample_steps + 1) // 2] if mini and args.query == "dense" else None,
+            "eval_every": 10 if mini else 0, "ema_decay": 0.0 if args.full else 0.9}
+
+
+def resolve_inputs(args):
+    """The routes (Eq. 7: task -> teacher), the tasks trained and the MAR anchor ('base', None or a path), checked
+    before any work."""
     routes, skipped = lora.resolve_teachers(args.teachers)
     tasks = list(dict.fromkeys(args.tasks or [t for t in sorted(routes) if t != "deqa"]))  # each task once
     for t in [t for t in [*routes, *tasks] if t not in mw.TASKS]:
@@ -197,7 +199,6 @@ def main(argv=None):
         raise BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
                        "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
-    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=args.model.endswith(".safetensors"))
     anchor = {"auto": routes.get("deqa"), "none": None, "base": "base"}.get(args.anchor, args.anchor)
     if anchor not in (None, "base"):
         anchor = lora.fetch_adapter(anchor)
@@ -205,26 +206,16 @@ def main(argv=None):
             raise BadInput(f"anchor {anchor} does not exist; give a deqa teacher's path, --anchor base or none")
     if args.init not in ("merge", "sft", "base") and not os.path.exists(args.init):
         raise BadInput(f"--init {args.init}: no such file; give merge, sft, base or a LoRA cold start")
-    checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, "--anchor": anchor,
-                                     **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
-                          args.overwrite, args.resume, folder=args.full and not args.model.endswith(".safetensors"),
-                          config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args))
-    for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
-        checkpoints.lock_out(path, rank, world, device, flag)
-    runs.catch_signals()
-    torch.manual_seed(args.seed)
-    real_rewards.use_backends(args, list(mw.TASKS) if args.eval_every else [], args.model, device)  # held-out evaluation
+    return routes, skipped, tasks, anchor
 
-    # one frozen base, every teacher and the anchor as adapters on it, the student as one more
-    model = fm.load_base(args, device)
-    T = args.sample_steps
-    sigmas = sampler.sigma_schedule(model.scheduler, T)
-    low = [t for t in sampler.sde_steps(T, args.sde_window) if float(sigmas[t]) <= 0.5]  # DanceOPD's low noise
-    if args.query == "low" and not low:
-        raise BadInput(f"--query low needs a trained step at sigma <= 0.5; the trained steps are "
-                       f"{sampler.sde_steps(T, args.sde_window)} (sigma {[round(float(s), 3) for s in sigmas]})")
+
+def build(args, model, routes, tasks, anchor, world):
+    """Every teacher and the anchor as adapters on the one frozen base, and the student from its cold start (its
+    own adapter, or with --full its own copy). Returns the student, its trained parameters, the anchor's adapter
+    name ('base' for the frozen base, None for no MAR) and the output's metadata."""
     base_hash = fm.fingerprint(model)
     full = copy.deepcopy(model.transformer).float() if args.full else None  # before any adapter is added
+
     def load_adapter(path, name, what):  # a teacher or the anchor, of this base only
         meta = lora.load_lora(path, model.transformer, name)
         if meta.get("base_hash") not in (None, base_hash):
@@ -239,14 +230,14 @@ def main(argv=None):
     if anchor_name == "anchor":
         load_adapter(anchor, "anchor", "anchor")
     pairs, scale = None, 1.0
-    if args.init == "merge":  # the routed teachers only, as the official merge.sh (DECISIONS.md, 5)
+    if args.init == "merge":  # the routed teachers only, as the official merge.sh (docs/conventions.md)
         pairs = merge.merge_files(sorted({routes[t] for t in tasks}))[0]
     elif args.init not in ("sft", "base"):
         pairs, scale, init_meta = lora.read_lora(args.init)
         if init_meta.get("base_hash") not in (None, base_hash):
             raise BadInput(f"--init {args.init} was made on another base; give a cold start of this base")
     if args.full:  # the student's forward: its own full copy ...
-        student = full_student(model, full, pairs, scale, world)
+        student = fm.full_student(model, full, pairs, scale, world)
         params = list(student.transformer.parameters())
     else:          # ... or the one base with the "student" adapter
         student = model
@@ -255,59 +246,99 @@ def main(argv=None):
         else:
             lora.add_lora(model.transformer, "student", args.rank, args.alpha)
         params = lora.adapter_params(model.transformer, "student")
-    if rank == 0:
-        if skipped:
-            print("skipped " + "; ".join(f"{p} ({why})" for p, why in skipped[:12])
-                  + (f"; and {len(skipped) - 12} more" if len(skipped) > 12 else ""))
-        print(f"routes (Eq. 7): {', '.join(f'{t} -> {routes[t]}' for t in tasks)}; MAR anchor (Eq. 12): "
-              f"{anchor or 'none'}; cold start {args.init}; student: " + (f"full ({sum(p.numel() for p in params) / 1e6:.1f}M "
-              "parameters, FSDP)" if args.full else f"LoRA on {len(params) // 2} layers"))
-    if args.init == "sft" and not args.resume:
-        try:
-            sft_cold_start(model, student, params, routes, tasks, args, device, world)
-        except runs.Interrupted:
+    meta = {"role": "student" if args.steps else args.init, "full": args.full, "tasks": tasks, "teachers": teacher_set,
+            "init": args.init, "base_path": fm.recorded_path(args.model), "base_hash": base_hash,
+            "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor not in (None, "base") else anchor}
+    return student, params, anchor_name, meta
+
+
+def saver(args, model, student, params, opt, ema, meta, order_rng, rank, world):
+    """checkpoint(step): --out (a LoRA student holds its EMA weights) and the resumable checkpoint beside it."""
+    def checkpoint(step):
+        if args.full:  # weights and AdamW gathered to rank 0 (a full student keeps no EMA)
+            sd, opt_state = checkpoints.gather_full(student.transformer, opt)
             if rank == 0:
-                print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} during the SFT cold start, "
-                      "before any checkpoint; run the same command again to start over")
+                fm.save_full(args.out, model, sd, {**meta, "step": step, "config": vars(args)})
+            checkpoints.save_state(args.out, step, {f"full.{k}": v for k, v in sd.items()}, opt_state,
+                                   {**meta, "step": step, "config": vars(args)}, [order_rng], rank, world)
             return
-        if not args.full:  # (every rank trained on the same pool; FSDP keeps its shards in step by itself)
-            runs.all_reduce_mean([p.data for p in params], world)
+
+        def save_out(m):
+            grpo.swap_ema(ema, params)
+            lora.save_lora(args.out, model.transformer, "student", m)
+            grpo.swap_ema(ema, params)
+        checkpoints.checkpoint(args, save_out, params, opt, {**meta, "step": step}, order_rng, rank, world, ema)
+    return checkpoint
+
+
+def say_setup(args, routes, skipped, tasks, anchor, sde, params):
+    if skipped:
+        print("skipped " + "; ".join(f"{p} ({why})" for p, why in skipped[:12])
+              + (f"; and {len(skipped) - 12} more" if len(skipped) > 12 else ""))
+    print(f"routes (Eq. 7): {', '.join(f'{t} -> {routes[t]}' for t in tasks)}; MAR anchor (Eq. 12): {anchor or 'none'}; "
+          f"cold start {args.init}; SDE steps trained {sde} of {args.sample_steps}; student: "
+          + (f"full ({sum(p.numel() for p in params) / 1e6:.1f}M parameters, FSDP)" if args.full
+             else f"LoRA on {len(params) // 2} layers"))
+
+
+def adapter_velocity(model, name, enc, guidance):
+    """v(x, sigma) of one adapter on the shared base (None: the frozen base), for the sampler or the anchor."""
+    def velocity(x, sigma):
+        active = lora.active_adapter(model.transformer)
+        lora.set_adapter(model.transformer, name)
+        v = fm.velocity(model, x, sigma, enc, guidance)
+        lora.set_adapter(model.transformer, active)
+        return v
+    return velocity
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = runs.dist_setup()
+    check_args(args, world)
+    routes, skipped, tasks, anchor = resolve_inputs(args)
+    stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
+    checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, "--anchor": anchor,
+                                     **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
+                          args.overwrite, args.resume, folder=args.full and not fm.is_mini(args.model),
+                          config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args))
+    for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
+        checkpoints.lock_out(path, rank, world, device, flag)
+    runs.catch_signals()
+    torch.manual_seed(args.seed)
+    real_rewards.use_backends(args, list(mw.TASKS) if args.eval_every else [], args.model, device)  # held-out evaluation
+    model = fm.load_base(args, device)
+    T = args.sample_steps
+    sigmas = sampler.sigma_schedule(model.scheduler, T)
+    sde = sampler.sde_steps(T, args.sde_window)
+    low = [t for t in sde if float(sigmas[t]) <= 0.5]  # DanceOPD's low-noise states
+    if args.query == "low" and not low:
+        raise BadInput(f"--query low needs a trained step at sigma <= 0.5; the trained steps are {sde} (sigma "
+                       f"{[round(float(s), 3) for s in sigmas]})")
+    student, params, anchor_name, meta = build(args, model, routes, tasks, anchor, world)
+    if rank == 0:
+        say_setup(args, routes, skipped, tasks, anchor, sde, params)
+    if args.init == "sft" and not args.resume and not sft_cold_start(model, student, params, routes, tasks, args,
+                                                                      device, rank, world):
+        return  # stopped by a signal before any checkpoint
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema = {"w": [p.detach().clone() for p in params] if args.ema_decay else []}
-    sde = sampler.sde_steps(T, args.sde_window)
     N = args.prompts * args.group
     local = list(range(rank * N // world, (rank + 1) * N // world))
     order_rng = random.Random(args.seed)
-    meta = {"role": "student" if args.steps else args.init, "full": args.full, "tasks": tasks, "teachers": teacher_set,
-            "init": args.init, "base_path": fm.recorded_path(args.model), "base_hash": base_hash,
-            "anchor": {"path": anchor, "sha256": merge.sha256(anchor)} if anchor not in (None, "base") else anchor}
-    check_teacher_set(args, {**meta, "world": world})
-    start, state, opt_state = checkpoints.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash},
-                                          may_change=("teachers", "anchor"),  # checked by content above
-                                          read_tensors=rank == 0 or not args.full)
+    checkpoints.check_teacher_set(args, {**meta, "world": world})
+    start, state, opt_state = checkpoints.resume(args, stream, order_rng, rank, world, {"base_hash": meta["base_hash"]},
+                                                 may_change=("teachers", "anchor"),  # checked by content above
+                                                 read_tensors=rank == 0 or not args.full)
     if start and args.full:
         checkpoints.restore_full(student.transformer, opt, state, opt_state, world)
     elif start:
         checkpoints.restore_params(params, opt, state, opt_state, ema)
     log = runs.open_log(args, rank, start)
-
-    def checkpoint(step):
-        if args.full:  # weights and AdamW gathered to rank 0 (a full student keeps no EMA: check_args)
-            sd, opt_state = checkpoints.gather_full(student.transformer, opt)
-            if rank == 0:
-                save_full(args, model, sd, {**meta, "step": step, "config": vars(args)})
-            checkpoints.save_state(args.out, step, {f"full.{k}": v for k, v in sd.items()}, opt_state,
-                            {**meta, "step": step, "config": vars(args)}, [order_rng], rank, world)
-            return
-
-        def save_out(m):  # --out holds the EMA weights
-            grpo.swap_ema(ema, params)
-            lora.save_lora(args.out, model.transformer, "student", m)
-            grpo.swap_ema(ema, params)
-        checkpoints.checkpoint(args, save_out, params, opt, {**meta, "step": step}, order_rng, rank, world, ema)
-
+    checkpoint = saver(args, model, student, params, opt, ema, meta, order_rng, rank, world)
     if args.steps == 0:  # the cold start alone (for Table 2's SFT+GRPO-Mix)
         checkpoint(0)
         if rank == 0:
@@ -317,8 +348,8 @@ def main(argv=None):
     bad = bad_total = 0
     stop, step = False, start - 1
     runs.IN_LOOP = True
-    bar = tqdm(range(start, args.steps), desc="opd", disable=rank != 0, mininterval=2, initial=start, total=args.steps)
-    for step in bar:
+    for step in tqdm(range(start, args.steps), desc="opd", disable=rank != 0, mininterval=2, initial=start,
+                     total=args.steps):
         t0 = time.time()
         batch = [next(stream) for _ in range(args.prompts)]
         prompts = [batch[i // args.group] for i in local]
@@ -327,53 +358,41 @@ def main(argv=None):
         if args.sde_window_size:  # Flow-GRPO-Fast: this step's window (a low query: its lowest-noise step)
             sde = sampler.sde_steps(T, args.sde_window, args.sde_window_size, seed=args.seed * 1_000_003 + step)
             query = sde if args.query == "dense" else sde[-1:]
-        # 1. the student's own trajectories
+        # 1. the student's own trajectories (Eq. 5-6)
         if not args.full:
             lora.set_adapter(model.transformer, "student")
-        traj = sampler.sample(student, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
-        states, sigmas, old_lp, v_old = traj["states"], traj["sigmas"], traj["log_probs"].to(device), traj["velocities"]
+        traj = fm.rollout(student, enc, T, args.guidance, args.noise_level, sde, x=x, eps=eps)
+        states, old_lp, v_old = traj["states"], traj["log_probs"].to(device), traj["velocities"]
         t1 = time.time()
 
-        # 2-4. route, the teacher's velocity at the visited states, dense rewards, the anchor's means
+        # 2-4. route (Eq. 7), the teachers' velocities v* at the visited states, the dense rewards (Eq. 10), and the
+        # anchor's means (Eq. 12)
         groups = route(prompts, routes)
-        n_local = len(local)
-        reward = torch.zeros(n_local, T, device=device)
-        v_star, mu_anchor = {}, {}
-        vel_mse = {task: 0.0 for task in groups}
+        reward = torch.zeros(len(local), T, device=device)
+        v_star, mu_anchor, vel_mse = {}, {}, {task: 0.0 for task in groups}
+        anchor_v = anchor_name and adapter_velocity(model, None if anchor_name == "base" else anchor_name, enc,
+                                                    args.guidance)
         with torch.no_grad():
             for t in query:
                 v_star[t] = routed_velocity(model, states[:, t], float(sigmas[t]), enc, groups, args.guidance,
-                                            args.micro_batch)                                      # Eq. 7
+                                            args.micro_batch)
                 for task, idx in groups.items():
                     vel_mse[task] += float(((v_old[idx, t] - v_star[t][idx]) ** 2).mean()) / len(query)
-                reward[:, t] = dense_reward(v_old[:, t], v_star[t], sigmas, t, args.noise_level)  # Eq. 10
-                if anchor_name:
-                    mu_anchor[t] = mar.anchor_mean(model, None if anchor_name == "base" else anchor_name, states[:, t],
-                                                   sigmas, t, enc, args.guidance, args.noise_level)
+                reward[:, t] = dense_reward(v_old[:, t], v_star[t], sigmas, t, args.noise_level)
+                if anchor_v:
+                    mu_anchor[t] = mar.anchor_mean(anchor_v, states[:, t], sigmas, t, args.noise_level)
         later = return_to_go(reward)
         t2 = time.time()
 
-        # 5. the update (Eq. 11, Flow-GRPO's) with MAR (Eq. 12)
+        # 5. the update (Eq. 11, Flow-GRPO's) on opd_loss plus MAR (Eq. 12)
         if not args.full:
             lora.set_adapter(model.transformer, "student")
 
         def loss_fn(t, mb):
             v, lp, mu = grpo.policy_step(student, states[mb], sigmas, t, fm.select(enc, mb), args)
-            mu_star = sampler.sde_mean(states[mb, t], v_star[t][mb], sigmas, t, args.noise_level)
-            if args.query == "low":   # DanceOPD: plain velocity MSE at one low-noise state
-                loss = ((v.float() - v_star[t][mb]) ** 2).flatten(1).mean(1)
-            elif args.advantage in ("analytic", "rtg"):  # the KL itself, gradient through mu_theta
-                loss = sampler.kl(mu, mu_star, sigmas, t, args.noise_level)
-            if args.advantage in ("rtg", "logratio", "paper") and args.query == "dense":
-                # Eq. 11's ratio is of densities averaged over the D dimensions (Flow-GRPO's log-prob), so an
-                # advantage on the KL's scale carries a factor D for its gradient to be the KL's (tested)
-                D, dt = states[0, 0].numel(), float(sigmas[t] - sigmas[t + 1])
-                adv = {"rtg": D * later[mb, t], "paper": reward[mb, t],  # the paper's A_t = r_t, as the official code
-                       "logratio": D * dt * (sampler.log_prob(states[mb, t + 1], mu_star, sampler.step_noise(
-                           sigmas, t, args.noise_level)[1]) - old_lp[mb, t])}[args.advantage]
-                pg, _ = grpo.clipped_surrogate(lp, old_lp[mb, t], adv, args.clip)                     # Eq. 11
-                loss = pg if args.advantage != "rtg" else loss + pg
-            kl = mar.mar_kl(mu, mu_anchor[t][mb], sigmas, t, args.noise_level) if anchor_name else torch.zeros_like(loss)
+            loss = opd_loss(args, v, lp, mu, states[mb, t], states[mb, t + 1], v_star[t][mb], old_lp[mb, t],
+                            reward[mb, t], later[mb, t], sigmas, t)
+            kl = mar.mar_kl(mu, mu_anchor[t][mb], sigmas, t, args.noise_level) if anchor_v else torch.zeros_like(loss)
             ratio = torch.exp(lp - old_lp[mb, t])
             return loss + args.beta * kl, {"mar_kl": kl, "clip_frac": ((ratio - 1).abs() > args.clip).float(),
                                            "approx_kl": 0.5 * (lp - old_lp[mb, t]) ** 2, "ratio_dev": (ratio - 1).abs()}
@@ -386,51 +405,29 @@ def main(argv=None):
         rec = grpo.eval_log(student, params, ema, args, step, rank, every_rank=args.full and world > 1)
         if rank == 0 and ((step + 1) % args.log_every == 0 or step == 0 or rec):
             by_t = reward.mean(0)
-            rec = {"step": step + 1, **{f"opd/vel_mse/{k}": v for k, v in vel_mse.items()},
-                   **{f"opd/reward/t{t}": float(by_t[t]) for t in query}, **stats, "bad_steps": bad_total, **rec,
-                   "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2}
-            log(rec)
+            log({"step": step + 1, **{f"opd/vel_mse/{k}": v for k, v in vel_mse.items()},
+                 **{f"opd/reward/t{t}": float(by_t[t]) for t in query}, **stats, "bad_steps": bad_total, **rec,
+                 "t_rollout": t1 - t0, "t_teachers": t2 - t1, "t_update": t3 - t2})
         stop = runs.stop_requested(world, device)
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
             checkpoint(step + 1)
         if stop:
             break
     if rank == 0:
-        print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} after step {step + 1}; the same command with --resume continues" if stop
-              else f"saved {args.out}")
+        print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} after step {step + 1}; the same "
+              "command with --resume continues" if stop else f"saved {args.out}")
     if world > 1:
         torch.distributed.destroy_process_group()
 
 
-def check_teacher_set(args, meta):
-    """--resume must distil the same teachers (content, not just paths) toward the same anchor: say what changed."""
-    if not args.resume:
-        return
-    old = checkpoints.load_state(args.out, vars(args), world=meta["world"], read_tensors=False, restore_rng=False,
-                                 may_change=("teachers", "anchor"))[1]
-    was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
-    sha = lambda x: x.get("sha256") if isinstance(x, dict) else x  # noqa: E731  (content, wherever the file now is)
-    changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
-               + (" (same path, new content)" if t in was and t in now and was[t]["path"] == now[t]["path"] else "")
-               for t in sorted(set(was) | set(now)) if sha(was.get(t)) != sha(now.get(t))]
-    changes += [f"anchor: {old['anchor']} -> {meta['anchor']}"] if sha(old["anchor"]) != sha(meta["anchor"]) else []
-    if changes:
-        raise BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
-                       "with the original teachers, or drop --resume to start over")
-
-
 def check_args(args, world):
-    if args.sde_window is None and args.model.endswith(".safetensors") and args.query == "dense":  # (measured)
-        args.sde_window = [0, (args.sample_steps + 1) // 2]
-    sampler.check_sampling_args(args.sample_steps, args.guidance, args.noise_level)
-    sampler.sde_steps(args.sample_steps, args.sde_window, args.sde_window_size)
+    runs.check_sampling_args(args.sample_steps, args.guidance, args.noise_level, window=args.sde_window,
+                             window_size=args.sde_window_size)
     if args.steps < 0:
         raise BadInput(f"--steps must be >= 0 (0: write the cold start alone), got {args.steps}")
-    steps, args.steps = args.steps, max(args.steps, 1)  # --steps 0: the cold start alone
+    steps, args.steps = args.steps, max(args.steps, 1)  # --steps 0 (the cold start alone) passes the >= 1 check
     runs.check_common_args(args, world)
     args.steps = steps
-    if args.ema_decay is None:  # Flow-GRPO's EMA for a LoRA student; a full one keeps none (it would double it)
-        args.ema_decay = 0.0 if args.full else 0.9
     if args.full and args.ema_decay:
         raise BadInput("--full keeps no EMA of the weights (it would hold a second full copy); drop --ema_decay")
     if not (args.beta >= 0 and args.opt_steps >= 1 and args.ema_every >= 1 and 0 <= args.ema_decay < 1
@@ -443,7 +440,6 @@ def check_args(args, world):
         raise BadInput("--steps 0 writes a cold start; it has nothing to resume (drop --resume)")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
         raise BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
-    args.eval_every = (10 if args.model.endswith(".safetensors") else 0) if args.eval_every is None else args.eval_every
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ BASE=$CK/base.safetensors
 B=(--model "$BASE" --seed "$SEED")
 MIX="geneval:0.4,ocr:0.3,pickscore:0.3"
 ROUTED=("$CK/teachers/geneval.safetensors" "$CK/teachers/ocr.safetensors" "$CK/teachers/pickscore.safetensors")
+TEACHER_LOGS=("$LOGS/geneval.jsonl" "$LOGS/ocr.jsonl" "$LOGS/pickscore.jsonl" "$LOGS/deqa.jsonl")  # Stage 1's time
 
 stage base "$BASE" python flow_matching.py --seed "$SEED" $PRETRAIN
 for r in geneval ocr pickscore deqa; do
@@ -94,6 +95,7 @@ python eval.py $EVAL --seed "$SEED" --overwrite --out "$OUT" \
   "Merge+GRPO-Mix=$CK/baselines/merge+grpo-mix.safetensors" "Merge=$CK/baselines/merge.safetensors" \
   "Flow-OPD (SFT)=$CK/students/opd-sft.safetensors" "Flow-OPD (Merge)=$CK/students/opd-merge.safetensors" \
   "Flow-OPD (Merge) w/o MAR=$CK/students/opd-merge-no-mar.safetensors"
-python eval.py --curves "$LOGS/grpo-mix.jsonl" "$LOGS/opd-merge.jsonl" --table "$OUT/table.json" --out "$OUT/curves.png" --overwrite
+python eval.py --curves "$LOGS/grpo-mix.jsonl" "$LOGS/opd-merge.jsonl" "${TEACHER_LOGS[@]}" --table "$OUT/table.json" \
+  --out "$OUT/curves.png" --overwrite | tee "$OUT/time-to-mix.txt"
 echo "[$(( SECONDS - t0 ))s] eval.py" | tee -a "$OUT/times.txt"
 echo "Table 2 in $OUT/table.md, the rows side by side in $OUT/compare.png, curves in $OUT/curves.png, times in $OUT/times.txt"

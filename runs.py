@@ -135,8 +135,9 @@ def add_common_args(ap):
                     "advantages (G; Flow-GRPO on SD3.5: 24)")
     ap.add_argument("--sample_steps", type=int, default=10, help="denoising steps of a rollout (T)")
     ap.add_argument("--sde_window", type=int, nargs=2, default=None, metavar=("A", "B"), help="make only denoising "
-                    "steps A..B-1 stochastic and trained, the rest deterministic (Flow-GRPO-Fast); default: all but the "
-                    "last (Flow-GRPO), except in the mini world: the first half (opd_student.py: with --query dense)")
+                    "steps A..B-1 stochastic and trained, the rest deterministic (Flow-GRPO-Fast). None: all but the "
+                    "last (Flow-GRPO; SD3's default); the mini world's default is the first half (opd_student.py: "
+                    "with --query dense)")
     ap.add_argument("--sde_window_size", type=int, default=0, metavar="K", help="Flow-GRPO-Fast: each training step "
                     "trains K consecutive steps at a random start within --sde_window (0: the whole window)")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale in rollouts and "
@@ -179,8 +180,17 @@ def check_finite(args):
         raise BadInput(f"--seed must be an integer from 0 to 2**31 - 1, got {args.seed}")
 
 
+def parse(ap, argv, per_world):
+    """Parse with per-world defaults: per_world(args parsed so far) -> {flag: default} for the mini world or SD3,
+    set before the real parse, so that --help states them and args holds the values that run (nothing is
+    changed after parsing); --help shows the defaults of the world that --model names."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap.set_defaults(**per_world(ap.parse_known_args([a for a in argv if a not in ("-h", "--help")])[0]))
+    return ap.parse_args(argv)
+
+
 def check_common_args(args, world):
-    """The shared flags' ranges (the sampling flags are sde_sampler.check_sampling_args')."""
+    """The shared flags' ranges (the sampling flags are check_sampling_args')."""
     check_finite(args)
     if not args.max_grad_norm > 0:
         raise BadInput(f"--max_grad_norm must be > 0 (gradients are clipped to it), got {args.max_grad_norm}")
@@ -197,6 +207,21 @@ def check_common_args(args, world):
     if (args.prompts * args.group) % world:
         raise BadInput(f"the global batch --prompts x --group = {args.prompts * args.group} does not divide "
                        f"over {world} processes; change --prompts or --group")
+
+
+def check_sampling_args(steps, guidance, noise_level, flag="--sample_steps", window=None, window_size=0):
+    """The sampling flags' ranges, and the SDE window's (sde_sampler.sde_steps) against the steps."""
+    if steps < 2:
+        raise BadInput(f"{flag} (denoising steps) must be >= 2, got {steps}")
+    if not 0 <= guidance <= 100:
+        raise BadInput(f"--guidance must be in [0, 100] (1 = no guidance; SD3.5: 4.5), got {guidance}")
+    if not 0 <= noise_level <= 2:
+        raise BadInput(f"--noise_level (a of Eq. 5) must be in [0, 2], Flow-GRPO uses 0.7; got {noise_level}")
+    a, b = window if window is not None else (0, steps - 1)
+    if not 0 <= a < b <= steps - 1:
+        raise BadInput(f"--sde_window {a} {b} must satisfy 0 <= a < b <= steps - 1 = {steps - 1}")
+    if window_size and not 1 <= window_size <= b - a:
+        raise BadInput(f"--sde_window_size {window_size} must be between 1 and the window's {b - a} steps")
 
 
 def log_path(args):
