@@ -226,14 +226,16 @@ def save_full(out, model, sd, meta):
 
 
 def fingerprint(model):
-    """A short hash of the base weights, so teachers trained on another base can be refused."""
+    """A short hash of every base weight (names, shapes and every value, as float32, so that a bf16 load and a
+    float32 load of one base agree), so teachers trained on another base can be refused. Streamed tensor by tensor:
+    SD3.5-M's 2.24B weights are about 9 GB of float32 through sha256, seconds on one core."""
     h = hashlib.sha256()
     for name, p in sorted(model.transformer.state_dict().items()):
         if ".lora_" in name:
             continue
         name = name.replace(".base.", ".")
         h.update(name.encode() + str(tuple(p.shape)).encode())
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        h.update(p.detach().float().cpu().contiguous().numpy())
     return h.hexdigest()[:16]
 
 

@@ -10,6 +10,7 @@ clipped surrogate of Eq. 11 on pi(x_t+1 | x_t) (Eq. 6) plus beta * KL(pi_theta |
 same model with its adapter off). A prompt's G samples may sit on different ranks: rewards are all-gathered, so
 every advantage sees its whole group, and gradients are averaged over ranks (DDP's semantics).
 """
+import math
 import random
 import time
 
@@ -95,11 +96,16 @@ def update(params, opt, ema, keep, local, sde, loss_fn, names, args, world, orde
                                       args.max_bad_steps, args.out)  # the same verdict on every rank: all-reduced
             if bad:
                 return {"skipped": 1.0}, bad
+            # Flow-GRPO steps its EMA after every training batch (per process) with the optimizer steps done so far:
+            # the part's first batches come before its optimizer step, its last one after
+            for _ in range(math.ceil(len(part) / (world * args.micro_batch)) - 1):
+                ema_update(ema, params, args, ema.get("k", 0))
             opt.step()
             if not all(torch.isfinite(p).all() for p in params):  # never train on, or checkpoint, broken weights
                 raise runs.Diverged(f"the weights became NaN / inf at step {step + 1} (finite gradient, norm "
                                     f"{float(grad_norm):.3g}); the last checkpoint of {args.out} is intact: lower --lr")
-            ema_update(ema, params, args)
+            ema["k"] = ema.get("k", 0) + 1  # optimizer steps done (Flow-GRPO's global_step)
+            ema_update(ema, params, args, ema["k"])
     total = torch.tensor([float(count), *sums.values()], dtype=torch.float64, device=params[0].device)
     runs.all_reduce_mean([total], world)
     means = {k: float(v / max(total[0], 1)) for k, v in zip(sums, total[1:])}
@@ -110,17 +116,15 @@ def update(params, opt, ema, keep, local, sde, loss_fn, names, args, world, orde
 STATS = ("kl_base", "clip_frac", "approx_kl", "ratio_dev")  # what loss_fn reports per sample, besides the loss
 
 
-def ema_update(ema, params, args):
-    """Flow-GRPO's EMA of the trained weights (decay 0.9, updated every 8 optimizer steps, warmed up as
-    min((1 + k) / (10 + k), decay)); it is what --out holds and what is evaluated. --ema_decay 0 keeps none."""
-    if not args.ema_decay:
-        return
-    ema["k"] = k = ema.get("k", 0) + 1
-    if k % args.ema_every == 0:
+def ema_update(ema, params, args, k):
+    """Flow-GRPO's EMAModuleWrapper.step(params, k), k the optimizer steps done: when (k + 1) % ema_every == 0, the
+    EMA moves toward the weights with decay min((1 + k) / (10 + k), ema_decay) (Flow-GRPO: 0.9, every 8). The EMA is
+    what --out holds and what is evaluated; --ema_decay 0 keeps none."""
+    if args.ema_decay and (k + 1) % args.ema_every == 0:
         decay = min((1 + k) / (10 + k), args.ema_decay)
         with torch.no_grad():
             for e, p in zip(ema["w"], params):
-                e.lerp_(p.detach(), 1 - decay)
+                e.add_((1 - decay) * (p.detach() - e))
 
 
 def swap_ema(ema, params):
