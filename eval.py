@@ -174,14 +174,12 @@ UNITS = {"GenEval": "GenEval (fraction right)", "OCR Acc.": "OCR Acc. (1 - edit 
 
 
 def wall_clock(recs):
-    """Each record's training time so far, in seconds (evaluation excluded): a record's t_* fields time its own step,
-    and the steps between two records are taken to cost what the later one did."""
-    out, total, last = [], 0.0, 0
-    for r in recs:
-        total += (r["step"] - last) * sum(v for k, v in r.items() if k.startswith("t_"))
-        last = r["step"]
-        out.append(total)
-    return out
+    """Each record's training time so far, in seconds: its step times the median time of a step (the t_* fields a
+    record gives its own step; evaluation excluded). The median keeps one stalled step (a busy machine) from
+    standing for the steps around it."""
+    per_step = sorted(sum(v for k, v in r.items() if k.startswith("t_")) for r in recs)
+    median = per_step[len(per_step) // 2] if per_step else 0.0
+    return [r["step"] * median for r in recs]
 
 
 def time_to_reach(student, mix, teachers=()):
@@ -199,7 +197,7 @@ def time_to_reach(student, mix, teachers=()):
 def curves(logs, table=None, teachers=TEACHERS):
     """The seesaw as a picture: each metric's held-out score (eval/* records) for each JSONL log (GRPO-Mix, Flow-OPD;
     a single-reward teacher's log counts only for main's time-to-Mix),
-    against the training step (top row) and against training wall-clock seconds (bottom row), with the specialist
+    against the training step (top row) and against training time in seconds (bottom row), with the specialist
     teachers' and the base's final levels from a table.json as dashed lines."""
     runs_ = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in logs}
     runs_ = {k: v for k, v in runs_.items() if any(kk.startswith("eval/") for r in v for kk in r)  # the students and
@@ -214,7 +212,7 @@ def curves(logs, table=None, teachers=TEACHERS):
     palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
     color = {name: palette[i % len(palette)] for i, name in enumerate(sorted(runs_))}
     for row, (xname, xs_of) in enumerate((("training step", lambda recs: [r["step"] for r in recs]),
-                                          ("training wall-clock (s)", wall_clock))):
+                                          ("training time (s): steps x median step", wall_clock))):
         for k, title in enumerate(titles):
             x0, y0 = k * W, row * H
             lines = {name: [(x, r[f"eval/{title}"]) for x, r in zip(xs_of(recs), recs) if f"eval/{title}" in r]

@@ -1477,6 +1477,20 @@ def test_readme_recipe_is_reproduce_sh():
     assert "for r in geneval ocr pickscore deqa; do python grpo_teacher.py --reward $r; done" in recipe
 
 
+def test_time_to_mix_by_hand():
+    """eval.time_to_reach on hand-made logs: training time is the step times the median step time (a stalled step
+    does not count), and the student's first evaluation at or above GRPO-Mix's final Avg is when it reaches it."""
+    import eval as ev
+    mix = [{"step": s, "t_rollout": 1.0, "t_update": 1.0, **({"eval/Avg": a} if a else {})}
+           for s, a in ((1, 0.50), (5, None), (10, 0.60), (15, None), (20, 0.70))]          # 2 s a step
+    student = [{"step": s, "t_rollout": t, "t_update": 0.5, **({"eval/Avg": a} if a else {})}
+               for s, t, a in ((1, 0.5, 0.55), (5, 0.5, None), (10, 60.0, 0.65), (15, 0.5, None), (20, 0.5, 0.72))]
+    teacher = [{"step": s, "t_rollout": 1.0, "t_update": 2.0} for s in (1, 5, 10)]            # 3 s a step
+    level, alone, with_teachers, whole = ev.time_to_reach(student, mix, [teacher, teacher])
+    assert (level, alone, with_teachers, whole) == (0.70, 20 * 1.0, 20 * 1.0 + 2 * 10 * 3.0, 20 * 2.0)
+    assert ev.time_to_reach(student[:3], mix) is None  # never reaches 0.70
+
+
 def test_table2_avg_formula():
     import eval as ev
     paper = {"SD-3.5-M": (0.63, 0.59, 4.07, 21.64, 0.7166), "Flow-OPD (Merge)": (0.92, 0.94, 4.35, 23.08, 0.9044),
