@@ -66,6 +66,12 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
                                                    os.path.samefile(path, o) or  # a hard link too
                                                    os.path.realpath(path).startswith(state_dir(out) + os.sep)):
                 raise BadInput(f"{oflag} {o} is also this run's {flag}: it would be written over; choose another {oflag}")
+            if path and os.path.isdir(path) and real.startswith(os.path.realpath(path) + os.sep):  # a peft folder's file
+                raise BadInput(f"{oflag} {o} is inside this run's {flag} (a folder): it would write over or add to an "
+                               f"input; choose another {oflag}")
+        if os.path.isfile(o) and shipped(o):
+            raise BadInput(f"{oflag} {o} is the {shipped(o)} this project ships, which no run replaces (--overwrite "
+                           f"neither); write to another {oflag}")
         if oflag == "--out" and folder:
             if os.path.exists(o) and not os.path.isfile(os.path.join(o, "flow_opd.json")):
                 raise BadInput(f"--out {o} exists and was not written by this project; choose a new folder")
@@ -76,6 +82,9 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
     done = [p for p in (out, log) if p and os.path.exists(p)]
     if resumable and os.path.isdir(state_dir(out)) and any(d.startswith("step_") for d in os.listdir(state_dir(out))):
         done.append(state_dir(out))
+    if done == [log] and not (overwrite or resume):
+        raise BadInput(f"{log} exists but {out} and its checkpoints do not: that run stopped before its first "
+                       "checkpoint, so nothing is lost by starting again; pass --overwrite to do so")
     if done and not (overwrite or resume):
         raise BadInput(f"{' and '.join(done)} exist{'s' if len(done) == 1 else ''} (a finished or stopped run's): pass "
                        + ("--resume to continue that run, " if resumable else "") + "--overwrite to replace "
@@ -85,6 +94,46 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
         raise BadInput("--overwrite starts the run again and --resume continues it; give one")
     if config is not None and resume:  # the checkpoint's flags and world size, checked now; the weights come later
         load_state(out, config, world=world, read_tensors=False, restore_rng=False, may_change=may_change)
+
+
+def read_mini(source, mini_config):
+    """A mini base file, checked before any work: safetensors whose metadata says format "flow-opd-mini" and holds
+    the "config" of its SD3Transformer2DModel (mini_config(depth, width): only the depth, num_layers, and the width,
+    32 x num_attention_heads, vary), and finite float tensors "transformer.*" and "text_encoder.*". (config, tensors)"""
+    if not os.path.isfile(source):
+        raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
+    try:
+        with safe_open(source, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise BadInput(f"checkpoint {source} is not a readable safetensors file ({type(e).__name__}); "
+                       "re-create it with `python flow_matching.py`") from None
+    if meta.get("format") != "flow-opd-mini":
+        raise BadInput(f"{source} is not a flow-opd base model (format={meta.get('format')!r}); "
+                       "a LoRA teacher goes to --teachers, a base to --model")
+    try:
+        config = json.loads(meta["config"])
+        depth, heads = config["num_layers"], config["num_attention_heads"]
+        assert type(depth) is int and type(heads) is int and 1 <= depth <= 64 and 1 <= heads <= 64
+        assert config == mini_config(depth, 32 * heads)
+    except (KeyError, TypeError, ValueError, AssertionError, RecursionError):
+        raise BadInput(f"{source}: its \"config\" metadata is not a mini model's ({str(meta.get('config'))[:60]!r}); "
+                       "re-create the file with `python flow_matching.py`") from None
+    bad = next((k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all()), None)
+    if bad:
+        raise BadInput(f"{source}: its tensor {bad} is not finite floats (NaN or inf: a diverged run?); use an "
+                       "earlier checkpoint")
+    return config, tensors
+
+
+def shipped(path):
+    """What a model file that ships with the project is ("base", "teacher"), from its metadata; None otherwise."""
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("flow_opd_shipped")
+    except Exception:  # not a safetensors file: not one of ours
+        return None
 
 
 def lock_out(out, rank, world, device="cpu", flag="--out"):
@@ -169,7 +218,8 @@ def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_t
     root = state_dir(out)
     steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
     if not steps:
-        raise BadInput(f"--resume: no checkpoint of {out} in {root}; run without --resume to start from scratch")
+        raise BadInput(f"--resume: no checkpoint of {out} in {root} (a run stopped before its first one?); start it "
+                       "again without --resume (with --overwrite if its log exists)")
     path = os.path.join(root, steps[-1])
     try:
         with safe_open(os.path.join(path, "state.safetensors"), "pt") as f:
@@ -182,11 +232,12 @@ def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_t
         raise BadInput(f"--resume: {path} was written by {meta['world']} process(es), this run has {world}; "
                        f"resume with --nproc_per_node={meta['world']}")
     may_change = {"steps", "resume", "overwrite", "save_every", "log_every", "log_file", "threads", "max_bad_steps",
-                  "micro_batch", "grad_ckpt", "eval_every", "eval_n", "reward_timeout", "reward_retries",
+                  "grad_ckpt", "eval_every", "eval_n", "reward_timeout", "reward_retries",
                   *[k for k in config if k.endswith("_url")], *may_change}  # what cannot change the result
     now = json.loads(json.dumps(config))
-    changed = [f"--{k} was {meta['config'].get(k)!r}, now {v!r}" for k, v in now.items()
-               if k not in may_change and meta["config"].get(k) != v]
+    changed = [f"--{k} was {meta['config'].get(k)!r}, now {v!r}" if k != "prompt_sha256" else
+               "the prompt files hold other prompts than when the run started" for k, v in now.items()
+               if k not in may_change and meta["config"].get(k) != v]  # (--micro_batch too: it changes the sums)
     if changed:
         raise BadInput(f"--resume with other flags than the run's: {'; '.join(changed)}; resume with the same flags "
                        "or drop --resume to start over")

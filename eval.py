@@ -1,13 +1,11 @@
 """Table 2: sample each task's held-out prompts with the ODE and score them.
 
-    python eval.py ckpts/base.safetensors ckpts/teachers/*.safetensors ckpts/student.safetensors
-
+    python eval.py ckpts/base.safetensors ckpts/teachers/*.safetensors ckpts/students/opd.safetensors
 A checkpoint is a base model or a LoRA (a teacher or a student; it records its base, or give --model). Every row
 uses the same prompts and the same initial noise, so rows differ only by the model. Columns as in the paper:
 GenEval (strict: every check passes), OCR Acc., DeQA, PickScore, and Avg = mean(GenEval, OCR, DeQA/5, PickScore/26),
-each with its standard error. Writes <out>/table.md, <out>/table.json, a grid <out>/<row>.png per checkpoint and
-<out>/compare.png, the same prompts side by side across rows.
-"""
+each with its standard error. Writes table.md, table.json, a grid <row>.png per checkpoint and compare.png (the same
+prompts side by side across rows) into --out, a new folder or one an earlier evaluation wrote."""
 import json
 import math
 import os
@@ -404,6 +402,11 @@ def main(argv=None):
         path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
         if os.path.realpath(path) in written:
             raise BadInput(f"{path} is an input and would be written over by this evaluation; choose another --out")
+    theirs = [f for f in [f"{s}.png" for s in slugs] + ["compare.png", "table.md"]
+              if os.path.exists(os.path.join(args.out, f)) and f not in earlier]
+    if theirs and not args.overwrite:  # a file no evaluation of ours listed: somebody else's
+        raise BadInput(f"{args.out} already holds {theirs[0]}, which no earlier evaluation wrote there; give an empty "
+                       "or new --out (or --overwrite to replace it)")
     sources = [(name, path, *row_source(path, args.model)) for name, path in named]  # every row checked first
     by_task = {}
     for spec in args.prompt_file or []:

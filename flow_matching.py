@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from tqdm import tqdm
 
 import checkpoints
@@ -113,19 +112,7 @@ def load_model(source, device="cpu", dtype=torch.float32, resolution=512):
     """A mini checkpoint (.safetensors) or an SD3 pipeline (a diffusers directory or hub id). For SD3, --resolution is
     checked against the model (before loading when the directory is local)."""
     if is_mini(source):
-        if not os.path.isfile(source):
-            raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
-        try:
-            with safe_open(source, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise BadInput(f"checkpoint {source} is not a readable safetensors file ({type(e).__name__}); "
-                           "re-create it with `python flow_matching.py`") from None
-        if meta.get("format") != "flow-opd-mini":
-            raise BadInput(f"{source} is not a flow-opd base model (format={meta.get('format')!r}); "
-                           "a LoRA teacher goes to --teachers, a base to --model")
-        config = json.loads(meta["config"])
+        config, tensors = checkpoints.read_mini(source, mini_config)
         from diffusers import SD3Transformer2DModel
         model = Model(SD3Transformer2DModel(**config), "mini", text_encoder=MiniTextEncoder(), source=source, config=config,
                       scheduler=mini_scheduler())
@@ -350,8 +337,9 @@ def lr_at(step, steps, lr, warmup=200):
 
 def main(argv=None):
     ap = runs.parser("Pretrain the mini world's base model with flow matching (Eq. 1).")
-    ap.add_argument("--out", default="ckpts/base.safetensors", help="the base checkpoint to write")
-    ap.add_argument("--steps", type=int, default=4600, help="training steps")
+    ap.add_argument("--out", default="ckpts/base-retrained.safetensors",
+                    help="the base checkpoint to write (the shipped ckpts/base.safetensors is never written over)")
+    ap.add_argument("--steps", type=int, default=12000, help="training steps")
     ap.add_argument("--batch", type=int, default=32, help="images per step")
     ap.add_argument("--depth", type=int, default=4, help="MMDiT blocks")
     ap.add_argument("--width", type=int, default=128, help="MMDiT width (a multiple of its 32-dim heads)")
@@ -360,7 +348,7 @@ def main(argv=None):
     ap.add_argument("--cfg_drop", type=float, default=0.1, help="fraction of prompts replaced by '' (for CFG)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the init, the data and the noise")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--save_every", type=int, default=500, help="resumable checkpoint every N steps")
+    ap.add_argument("--save_every", type=int, default=1000, help="resumable checkpoint every N steps")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --out")
     ap.add_argument("--overwrite", action="store_true", help="start again over a finished (or stopped) run's --out")
     ap.add_argument("--max_bad_steps", type=int, default=5, help="stop after this many NaN updates in a row")
@@ -383,7 +371,7 @@ def main(argv=None):
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed), random.Random(args.seed)
+    prompts, rng = mw.train_prompts(mw.PRETRAIN_MIX, seed=args.seed, pretrain=True), random.Random(args.seed)
     start = 0
     if args.resume:
         tensors, meta, opt_state = checkpoints.load_state(args.out, vars(args), loop_rngs=[rng])

@@ -213,6 +213,7 @@ def main(argv=None):
     args.out = args.out or f"ckpts/{'teachers' if role == 'teacher' else 'baselines'}/{'+'.join(tasks)}.safetensors"
     check_args(args, world)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
+    args.prompt_sha256 = mw.prompt_digest(args.prompt_file, fm.is_mini(args.model))  # recorded; --resume compares it
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, config=vars(args), world=world, log=runs.log_path(args))
     for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log

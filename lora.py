@@ -218,6 +218,10 @@ def read_lora(path):
         raise BadInput(f"{path} holds {kind}, e.g. {other[0]}; only plain LoRA pairs are supported")
     if any(a is None or b is None for a, b in pairs.values()):
         raise BadInput(f"{path} holds an incomplete lora_A / lora_B pair")
+    for m, (a, b) in pairs.items():  # lora_A (r, in), lora_B (out, r)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+            raise BadInput(f"{path}: {m} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; a LoRA pair is "
+                           "lora_A (r, in) and lora_B (out, r)")
     if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs.values()):
         raise BadInput(f"{path} holds NaN or inf weights (a diverged run?); give a finite adapter")
     if config is None:  # diffusers' save_lora_weights without metadata: diffusers then takes alpha = r (scale 1)
@@ -235,7 +239,7 @@ def our_meta(m, path):
     try:
         meta = json.loads(m.get("flow_opd", "{}"))
         assert isinstance(meta, dict) and isinstance(meta.get("role", ""), str)
-        assert isinstance(meta.get("base_hash", ""), (str, type(None)))
+        assert isinstance(meta.get("base_hash", ""), (str, type(None))) and isinstance(meta.get("base_path", ""), str)
         assert isinstance(meta.get("tasks", []), list) and all(isinstance(t, str) for t in meta.get("tasks", []))
     except (ValueError, AssertionError, RecursionError):
         raise BadInput(f"{path}: its flow_opd metadata is damaged (not the JSON object this project writes); "
@@ -337,7 +341,10 @@ def resolve_teachers(specs):
             continue
         if kind != "lora":
             raise BadInput(f"{path} is not a LoRA adapter; a teacher is a grpo_teacher.py output or a peft dir")
-        for task in [label] if label else meta.get("tasks", []):
+        tasks = [label] if label else meta.get("tasks")
+        if not tasks or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+            raise BadInput(f"teacher {path}: its metadata names no task (\"tasks\": {tasks!r}); route it with LABEL=PATH")
+        for task in tasks:
             if task in routes:
                 raise BadInput(f"two teachers claim task {task!r}: {routes[task]} and {path}; keep one, or "
                                f"route explicitly with {task}=PATH")

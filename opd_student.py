@@ -172,17 +172,15 @@ def parse_args(argv=None):
                     "but deqa: the paper routes GenEval, OCR and PickScore and keeps the quality teacher as the anchor)")
     ap.add_argument("--full", action="store_true", help="train every weight of the student (FSDP under torchrun) "
                     "instead of a LoRA: --out is then a full checkpoint (SD3: a transformer folder)")
-    ap.add_argument("--out", default="ckpts/students/opd.safetensors", help="the student (with --steps 0: the cold "
-                    "start alone)")
+    ap.add_argument("--out", default="ckpts/students/opd.safetensors", help="the student (--steps 0: the cold start)")
     real_rewards.add_args(ap)
     return runs.parse(ap, argv, per_world)
 
 
 def per_world(args):
     """The defaults that differ between the worlds. With a dense query the mini world trains the first half of the
-    denoising steps, the window its teachers were trained on (measured: it closes the OCR gap to the teacher; the
-    official code trains every SDE step but the last, as SD3 does here), and evaluates every 10 steps. A full
-    student keeps no EMA (it would be a second full copy)."""
+    denoising steps, its teachers' window (measured: it closes the OCR gap to the teacher; the official code trains
+    every SDE step but the last, as SD3 does here), and evaluates every 10 steps. --full keeps no EMA (a 2nd copy)."""
     mini = fm.is_mini(args.model)
     return {"sde_window": [0, (args.sample_steps + 1) // 2] if mini and args.query == "dense" else None,
             "eval_every": 10 if mini else 0, "ema_decay": 0.0 if args.full else 0.9}
@@ -199,6 +197,11 @@ def resolve_inputs(args):
         raise BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
                        "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
+    skipped += [(p, f"serves {t}, which is not distilled: add it to --tasks") for t, p in routes.items()
+                if t not in tasks and t != "deqa"]  # (deqa's teacher is the MAR anchor)
+    prompts = [p for s in args.prompt_file or [] for p in mw.read_prompt_file(s, fm.is_mini(args.model))]
+    skipped += [(f"the --prompt_file prompts of task {t}", "no teacher distils it") for t in
+                sorted({p["task"] for p in prompts} - set(tasks))]
     anchor = {"auto": routes.get("deqa"), "none": None, "base": "base"}.get(args.anchor, args.anchor)
     if anchor not in (None, "base"):
         anchor = lora.fetch_adapter(anchor)
@@ -299,6 +302,7 @@ def main(argv=None):
     check_args(args, world)
     routes, skipped, tasks, anchor = resolve_inputs(args)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
+    args.prompt_sha256 = mw.prompt_digest(args.prompt_file, fm.is_mini(args.model))  # recorded; --resume compares it
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, "--anchor": anchor,
                                      **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, folder=args.full and not fm.is_mini(args.model),

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The mini world's Table 2, end to end, for one seed (everything retrained: base, teachers, baselines, students):
-#   pretrain the base -> four single-reward teachers -> GRPO-Mix -> merge and SFT cold starts -> Merge+GRPO-Mix,
+# The mini world's Table 2, end to end, for one seed, from the shipped base ckpts/base.safetensors (as the paper's
+# runs all start from SD3.5-M; --pretrain trains a base first):
+#   four single-reward teachers -> GRPO-Mix -> merge and SFT cold starts -> Merge+GRPO-Mix,
 #   SFT+GRPO-Mix -> Flow-OPD (Merge), Flow-OPD (SFT), Flow-OPD (Merge) w/o MAR -> eval.py on every row, and the
 #   curves of GRPO-Mix against Flow-OPD.
 usage() {
   cat <<'EOF'
-usage: bash reproduce.sh [--quick] [--seed S]
+usage: bash reproduce.sh [--quick] [--seed S] [--pretrain]
 
-  --seed S   the seed of every stage (default 0); seed S writes ckpts/seedS/, runs/seedS/ and results/seedS/
-  --quick    a smoke run of the whole pipeline at a fraction of the steps (ckpts/quickS/, ..., results/quickS/)
+  --seed S     the seed of every stage (default 0); seed S writes ckpts/seedS/, runs/seedS/ and results/seedS/
+  --quick      a smoke run of the whole pipeline at a fraction of the steps (ckpts/quickS/, ..., results/quickS/)
+  --pretrain   train the base again first (python flow_matching.py, its defaults), into ckpts/seedS/base.safetensors,
+               instead of starting from the shipped ckpts/base.safetensors
   NPROC=2    (environment) train under torchrun with 2 processes (gloo on CPU, nccl on GPUs)
 
 A stage whose output exists is skipped and an interrupted one resumes, so re-running a seed finishes it.
@@ -17,11 +20,12 @@ EOF
 }
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
-SEED=0; QUICK=""
+SEED=0; QUICK=""; OWN_BASE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --quick) QUICK=1; shift ;;
+    --pretrain) OWN_BASE=1; shift ;;
     --seed) [[ "${2:-}" =~ ^[0-9]{1,9}$ ]] || { echo "error: --seed needs an integer from 0 to 999999999; see --help" >&2; exit 2; }
             SEED=$((10#$2)); shift 2 ;;
     *) echo "error: unknown argument '$1'; see bash reproduce.sh --help" >&2; exit 2 ;;
@@ -38,6 +42,10 @@ else
   PRETRAIN=""; TEACHER=""; STUDENT=""; SFT=""; EVAL="--n 128"   # every script at its defaults
 fi
 CK=ckpts/$TAG; LOGS=runs/$TAG; OUT=results/$TAG
+if [ -z "$OWN_BASE" ] && [ ! -f ckpts/base.safetensors ]; then
+  echo "error: ckpts/base.safetensors (the shipped base) does not exist; restore it (git checkout ckpts/base.safetensors) or pass --pretrain" >&2
+  exit 2
+fi
 mkdir -p "$CK/teachers" "$CK/baselines" "$CK/students" "$LOGS" "$OUT"
 
 run() { if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" "$@"; else python "$@"; fi; }
@@ -59,13 +67,16 @@ stage() {
 }
 STOPPED=""
 trap 'STOPPED=1' INT TERM  # the running stage gets the signal too, and checkpoints
-BASE=$CK/base.safetensors
+BASE=ckpts/base.safetensors
+if [ -n "$OWN_BASE" ]; then
+  BASE=$CK/base.safetensors
+  stage base "$BASE" python flow_matching.py --seed "$SEED" $PRETRAIN
+fi
 B=(--model "$BASE" --seed "$SEED")
 MIX="geneval:0.4,ocr:0.3,pickscore:0.3"
 ROUTED=("$CK/teachers/geneval.safetensors" "$CK/teachers/ocr.safetensors" "$CK/teachers/pickscore.safetensors")
 TEACHER_LOGS=("$LOGS/geneval.jsonl" "$LOGS/ocr.jsonl" "$LOGS/pickscore.jsonl" "$LOGS/deqa.jsonl")  # Stage 1's time
 
-stage base "$BASE" python flow_matching.py --seed "$SEED" $PRETRAIN
 for r in geneval ocr pickscore deqa; do
   stage "$r" "$CK/teachers/$r.safetensors" run grpo_teacher.py "${B[@]}" --reward $r $TEACHER --log_file "$LOGS/$r.jsonl"
 done

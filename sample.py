@@ -59,6 +59,7 @@ def main(argv=None):
         if not args.out.lower().endswith(".png"):
             raise BadInput(f"--out {args.out}: the grid is written as a PNG; give a .png path")
         checkpoints.check_out(args.out, {"--model": args.model, "--lora": args.lora}, args.overwrite, resumable=False)
+        checkpoints.lock_out(args.out, 0, 1)  # two samplers never write one grid
     model = fm.load_model(args.model, resolution=args.resolution)
     model.max_sequence_length = args.max_sequence_length
     if args.bench:
