@@ -82,7 +82,7 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
     done = [p for p in (out, log) if p and os.path.exists(p)]
     if resumable and os.path.isdir(state_dir(out)) and any(d.startswith("step_") for d in os.listdir(state_dir(out))):
         done.append(state_dir(out))
-    if done == [log] and not (overwrite or resume):
+    if done == [log] and not (overwrite or resume) and ours_log(log):
         raise BadInput(f"{log} exists but {out} and its checkpoints do not: that run stopped before its first "
                        "checkpoint, so nothing is lost by starting again; pass --overwrite to do so")
     if done and not (overwrite or resume):
@@ -94,6 +94,15 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
         raise BadInput("--overwrite starts the run again and --resume continues it; give one")
     if config is not None and resume:  # the checkpoint's flags and world size, checked now; the weights come later
         load_state(out, config, world=world, read_tensors=False, restore_rng=False, may_change=may_change)
+
+
+def ours_log(path):
+    """Is this a training log of ours (JSON lines with a "step")? Its first line decides."""
+    try:
+        with open(path) as f:
+            return "step" in json.loads(f.readline())
+    except (OSError, ValueError, TypeError, RecursionError):
+        return False
 
 
 def read_mini(source, mini_config):

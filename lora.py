@@ -239,7 +239,7 @@ def our_meta(m, path):
     try:
         meta = json.loads(m.get("flow_opd", "{}"))
         assert isinstance(meta, dict) and isinstance(meta.get("role", ""), str)
-        assert isinstance(meta.get("base_hash", ""), (str, type(None))) and isinstance(meta.get("base_path", ""), str)
+        assert isinstance(meta.get("base_hash", ""), (str, type(None))) and isinstance(meta.get("base_path", ""), (str, type(None)))
         assert isinstance(meta.get("tasks", []), list) and all(isinstance(t, str) for t in meta.get("tasks", []))
     except (ValueError, AssertionError, RecursionError):
         raise BadInput(f"{path}: its flow_opd metadata is damaged (not the JSON object this project writes); "
