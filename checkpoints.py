@@ -19,32 +19,53 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from runs import BadInput, barrier
+from runs import CREATED, BadInput, barrier
 
 
 def check_writable(path, flag="--out"):
-    """Fail before any work if `path` cannot be written: a file path (no trailing slash) in a folder where a file
-    can be created (tried with a temp file, removed at once: os.access says yes to root even on /sys). Creates
-    nothing that stays (folders are made when the file is saved)."""
-    if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        raise BadInput(f"{flag} {path} is a folder (or ends with '/'); give the path of the file to write")
+    """Fail before any work if `path` cannot be written, by writing: its missing folders are made now (and removed
+    again if the run then stops on bad input), and the temp file the save will write (the final name + ".tmp<pid>")
+    is created and removed, so that a name too long, a path over PATH_MAX, a folder reached through `..` or a
+    read-only place fail now, not after the work. Nothing stays."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path) or os.path.basename(path) in ("", ".", ".."):
+        raise BadInput(f"{flag} {path} is a folder (or ends with '/' or '.'); give the path of the file to write")
+    if os.path.islink(path):  # a write would land in the link's target, whatever that is
+        raise BadInput(f"{flag} {path} is a symbolic link; give the path of the file itself")
+    if os.path.lexists(state_dir(path)) and (os.path.islink(state_dir(path)) or not os.path.isdir(state_dir(path))):
+        raise BadInput(f"{state_dir(path)}, where {path}'s run keeps its checkpoints, is a link or a file; remove it "
+                       f"or choose another {flag}")
     if os.path.exists(path) and not os.path.isfile(path):
         raise BadInput(f"{flag} {path} exists and is not a regular file (a device, a pipe); choose another {flag}")
-    if len(os.path.basename(path)) > 200:  # + the temp suffix, within the file system's 255
+    try:
+        path.encode("utf-8")  # the path goes into JSON logs and safetensors metadata
+    except UnicodeEncodeError:
+        raise BadInput(f"{flag} {path.encode('utf-8', 'replace').decode()!r} holds bytes that are not UTF-8; "
+                       f"rename it or choose another {flag}") from None
+    if len(os.path.basename(path)) > 200:  # + the temp suffix and the resume folder's, within the file system's 255
         raise BadInput(f"{flag}: the file name {os.path.basename(path)[:40]}... is too long ({len(os.path.basename(path))} "
                        "characters, at most 200)")
-    d = os.path.dirname(os.path.realpath(path))  # a link: where its target would be written
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
+    folder = os.path.dirname(path) or "."
+    deepest = os.path.join(state_dir(path), ".step_00000000.tmp", "rng_rank00000.json")  # the longest path a run writes
     try:
-        tempfile.TemporaryFile(dir=d).close()
-    except OSError:
-        raise BadInput(f"cannot write {path} ({d} is not a writable folder); choose another {flag}") from None
+        made = []
+        d = folder
+        while d and not os.path.isdir(d):
+            made.append(d)
+            d = os.path.dirname(d)
+        if len(os.fsencode(os.path.abspath(deepest))) >= os.pathconf(d or ".", "PC_PATH_MAX"):
+            raise OSError(36, "the path is too long for its checkpoints (PATH_MAX)")
+        CREATED.extend(made)
+        os.makedirs(folder, exist_ok=True)  # `alias/..` resolves as the kernel does, through the link
+        probe = f"{path}.tmp{os.getpid()}"
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        raise BadInput(f"cannot write {path[:120]} ({e.strerror or e}); choose another {flag}") from None
 
 
 def atomic_save(tensors, path, metadata):
     """safetensors written to a temp file, then renamed: never a half-written file over a good one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # (not abspath: `link/..` is where the link points)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
     umask = os.umask(0)
@@ -54,10 +75,11 @@ def atomic_save(tensors, path, metadata):
 
 
 def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=None, world=1, may_change=(),
-              log=None, resumable=True):
+              log=None, resumable=True, own=None):
     """Before any work: --out (and the run's JSONL `log`) is never one of the run's inputs (nor inside its resume
     folder) nor each other, is a file path (or, folder=True, a folder this project wrote), and a finished run's
-    output or log is replaced only with --overwrite (--resume continues it). inputs: {flag: path}."""
+    output or log is replaced only with --overwrite (--resume continues it), and only if it is one of ours of the
+    kinds in `own` (what_is) and a log of ours. inputs: {flag: path}."""
     outputs = {"--out": out, **({"--log_file": log} if log else {})}
     for oflag, o in outputs.items():
         real = os.path.realpath(o)
@@ -79,6 +101,15 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
             check_writable(o, oflag)
     if log and os.path.realpath(log) == os.path.realpath(out):
         raise BadInput(f"--log_file {log} is also --out; choose another --log_file")
+    if log and os.path.realpath(log).startswith(state_dir(out) + os.sep):
+        raise BadInput(f"--log_file {log} is inside the run's checkpoint folder, which each checkpoint replaces; "
+                       "choose another --log_file")
+    if overwrite and log and os.path.isfile(log) and not ours_log(log):
+        raise BadInput(f"--log_file {log} exists and is not a training log (JSON lines of steps); --overwrite replaces "
+                       "only a log; choose another --log_file")
+    if overwrite and own and os.path.isfile(out) and what_is(out) not in own:
+        raise BadInput(f"--out {out} is {what_is(out) or 'not a file of this project'}, not this script's output "
+                       f"({' or '.join(own)}): --overwrite replaces only that; choose another --out")
     done = [p for p in (out, log) if p and os.path.exists(p)]
     if resumable and os.path.isdir(state_dir(out)) and any(d.startswith("step_") for d in os.listdir(state_dir(out))):
         done.append(state_dir(out))
@@ -136,6 +167,18 @@ def read_mini(source, mini_config):
     return config, tensors
 
 
+def what_is(path):
+    """A model file of ours: "a base model", or "a <role>" of a LoRA (a teacher, a mix, a merge, a student...);
+    None for anything else."""
+    try:
+        with safe_open(path, "pt") as f:
+            m = f.metadata() or {}
+        role = json.loads(m.get("flow_opd", "{}")).get("role")
+    except Exception:
+        return None
+    return "a base model" if m.get("format") == "flow-opd-mini" else f"a {role}" if isinstance(role, str) else None
+
+
 def shipped(path):
     """What a model file that ships with the project is ("base", "teacher"), from its metadata; None otherwise."""
     try:
@@ -153,7 +196,7 @@ def lock_out(out, rank, world, device="cpu", flag="--out"):
     import hashlib
     ok = torch.ones(1, device=device)
     if rank == 0:
-        name = hashlib.sha1(os.path.realpath(out).encode()).hexdigest()[:16]
+        name = hashlib.sha1(os.fsencode(os.path.realpath(out))).hexdigest()[:16]
         folder = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()  # not $TMPDIR: one place for every run
         LOCK[out] = open(os.path.join(folder, f"flow-opd-{name}.lock"), "w")
         try:
@@ -171,8 +214,8 @@ LOCK = {}
 
 # ----------------------------------------------------------------------------------------------- checkpoints, --resume
 def state_dir(out):
-    d, name = os.path.split(os.path.abspath(out))
-    return os.path.join(d, f".{name}.resume")  # the whole name: ocr.safetensors and ocr.png never share one
+    d, name = os.path.split(out)
+    return os.path.join(os.path.realpath(d or "."), f".{name}.resume")  # the whole name: x.safetensors, x.png differ
 
 
 def rng_states(*loop_rngs):
@@ -189,6 +232,8 @@ def set_rng_states(st, *loop_rngs):
     if st["cuda"]:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
     np.random.set_state((st["numpy"][0], np.array(st["numpy"][1], dtype=np.uint32), *st["numpy"][2:]))
+    if len(st["loop"]) != len(loop_rngs):
+        raise ValueError("another number of loop RNGs")
     for r, s in zip([random, *loop_rngs], [st["python"], *st["loop"]]):
         r.setstate((s[0], tuple(s[1]), s[2]))
 
@@ -237,6 +282,14 @@ def load_state(out, config, rank=0, world=1, loop_rngs=(), may_change=(), read_t
         rng = json.load(open(os.path.join(path, f"rng_rank{rank}.json")))
     except Exception as e:
         raise BadInput(f"--resume: {path} is damaged ({type(e).__name__}); delete it to start from scratch") from None
+    # the state's metadata: {"step": int, "world": int, "config": {flag: value}, "param_groups": [{...}], ...}
+    fields = {"step": int, "world": int, "config": dict, "param_groups": list}
+    bad = ["the metadata"] if not isinstance(meta, dict) else \
+        [k for k, t in fields.items() if type(meta.get(k)) is not t or t is int and meta[k] < 0]
+    bad += [f"the tensor {k}" for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BadInput(f"--resume: {path} is damaged ({bad[0]}: missing, of another type or not finite); delete it "
+                       "to start from scratch")
     if meta["world"] != world:
         raise BadInput(f"--resume: {path} was written by {meta['world']} process(es), this run has {world}; "
                        f"resume with --nproc_per_node={meta['world']}")
@@ -289,20 +342,42 @@ def check_teacher_set(args, meta):
     if not args.resume:
         return
     old = load_state(args.out, vars(args), world=meta["world"], read_tensors=False, restore_rng=False,
-                                 may_change=("teachers", "anchor"))[1]
-    was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
+                     may_change=("teachers", "anchor"))[1]
+    try:
+        was, now = {t["task"]: t for t in old["teachers"]}, {t["task"]: t for t in meta["teachers"]}
+        old_anchor = old["anchor"]
+        assert all(isinstance(t, dict) and "path" in t for t in was.values())
+    except (KeyError, TypeError, AssertionError):
+        raise BadInput(f"--resume: the checkpoint of {args.out} does not list its teachers and anchor (damaged); "
+                       "drop --resume and pass --overwrite to start over") from None
     sha = lambda x: x.get("sha256") if isinstance(x, dict) else x  # noqa: E731  (content, wherever the file now is)
     changes = [f"{t}: {was[t]['path'] if t in was else 'none'} -> {now[t]['path'] if t in now else 'none'}"
                + (" (same path, new content)" if t in was and t in now and was[t]["path"] == now[t]["path"] else "")
                for t in sorted(set(was) | set(now)) if sha(was.get(t)) != sha(now.get(t))]
-    changes += [f"anchor: {old['anchor']} -> {meta['anchor']}"] if sha(old["anchor"]) != sha(meta["anchor"]) else []
+    changes += [f"anchor: {old_anchor} -> {meta['anchor']}"] if sha(old_anchor) != sha(meta["anchor"]) else []
     if changes:
         raise BadInput(f"--resume with another teacher set than the checkpoint's: {'; '.join(changes)}; resume "
                        "with the original teachers, or drop --resume to start over")
 
 
 def restore_params(params, opt, tensors, opt_state, ema=None):
-    """--resume: the trained weights, the optimizer, and the EMA ({"w": weights, "k": its update count})."""
+    """--resume: the trained weights, the optimizer, and the EMA ({"w": weights, "k": its update count}), each
+    checked against the run's own shapes first."""
+    want = {**{f"param.{i}": p.shape for i, p in enumerate(params)},
+            **{f"ema.{i}": e.shape for i, e in enumerate((ema or {}).get("w", []))}}
+    bad = next((k for k, shape in want.items() if k not in tensors or tensors[k].shape != shape), None)
+    bad = bad or next((f"opt.{i}" for i, st in opt_state["state"].items() if not isinstance(i, int) or i >= len(params)
+                       or set(st) != {"step", "exp_avg", "exp_avg_sq"}  # AdamW's
+                       or any(v.dim() and v.shape != params[i].shape for v in st.values())), None)
+    bad = bad or ("ema_k" if "ema_k" in tensors and (tensors["ema_k"].numel() != 1 or tensors["ema_k"] < 0) else None)
+    if bad:
+        raise BadInput(f"--resume: the checkpoint's {bad} is missing, out of range or of another shape than this run's "
+                       "weights (damaged, or another model); drop --resume and pass --overwrite to start over")
+    try:  # the hyperparameters are this run's own (its flags, compared already), not the file's
+        opt.load_state_dict({"state": opt_state["state"], "param_groups": opt.state_dict()["param_groups"]})
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise BadInput(f"--resume: the checkpoint's optimizer state does not fit this run ({type(e).__name__}); drop "
+                       "--resume and pass --overwrite to start over") from None
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])
@@ -310,7 +385,6 @@ def restore_params(params, opt, tensors, opt_state, ema=None):
             e.copy_(tensors[f"ema.{i}"])
     if ema is not None and "ema_k" in tensors:
         ema["k"] = int(tensors["ema_k"])
-    opt.load_state_dict(opt_state)
 
 
 def checkpoint(args, save_out, params, opt, meta, order_rng, rank, world, ema=None, rng=None):
@@ -339,5 +413,9 @@ def restore_full(module, opt, tensors, opt_state, world):
                                                          set_optimizer_state_dict)
     sd = {k[5:]: v for k, v in tensors.items() if k.startswith("full.")}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
-    set_model_state_dict(module, sd, options=options)
-    set_optimizer_state_dict(module, opt, opt_state if sd else {}, options=options)
+    try:
+        set_model_state_dict(module, sd, options=options)
+        set_optimizer_state_dict(module, opt, opt_state if sd else {}, options=options)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise BadInput(f"--resume: the checkpoint's weights or optimizer state do not fit this run ({type(e).__name__})"
+                       "; drop --resume and pass --overwrite to start over") from None

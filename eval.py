@@ -79,8 +79,8 @@ def load_row(path, kind, base, device="cpu", dtype=torch.float32, resolution=512
     model = fm.load_model(base, device, dtype, resolution)
     if kind == "transformer":
         from diffusers import SD3Transformer2DModel
-        model.transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype).to(device).requires_grad_(False)
-        model.pipe.transformer = model.transformer
+        model.transformer = fm.check_finite(SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype), path)
+        model.pipe.transformer = model.transformer.to(device).requires_grad_(False)
     elif kind == "lora":
         meta = lora.load_lora(path, model.transformer, "row")
         if meta.get("base_hash") and meta["base_hash"] != fm.fingerprint(model):
@@ -192,13 +192,24 @@ def time_to_reach(student, mix, teachers=()):
     return level, t, t + stage1, wall_clock(mix)[-1]
 
 
+def read_logs(paths):
+    """{a log's file name: its records}; a NaN or inf anywhere is refused (it would draw a garbage panel)."""
+    names = [os.path.basename(p).rsplit(".", 1)[0] for p in paths]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two logs are named {max(names, key=names.count)!r}; the curves name a log by its file")
+    return {n: [json.loads(l, parse_constant=_not_finite) for l in open(p)] for n, p in zip(names, paths)}
+
+
+def _not_finite(constant):
+    raise ValueError(f"a log holds {constant}")
+
+
 def curves(logs, table=None, teachers=TEACHERS):
     """The seesaw as a picture: each metric's held-out score (eval/* records) for each JSONL log (GRPO-Mix, Flow-OPD;
     a single-reward teacher's log counts only for main's time-to-Mix),
     against the training step (top row) and against training time in seconds (bottom row), with the specialist
     teachers' and the base's final levels from a table.json as dashed lines."""
-    runs_ = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in logs}
-    runs_ = {k: v for k, v in runs_.items() if any(kk.startswith("eval/") for r in v for kk in r)  # the students and
+    runs_ = {k: v for k, v in read_logs(logs).items() if any(kk.startswith("eval/") for r in v for kk in r)  # the students and
              and sum(kk.startswith("reward/") for r in v[:1] for kk in r) != 1}                    # mixes, not teachers
     if not runs_:
         raise ValueError("the logs hold no held-out evaluation (eval/* records; train with --eval_every N)")
@@ -266,9 +277,13 @@ def pool(paths):
     seeds = [t["args"]["seed"] for t in tables]
     if len(set(seeds)) < len(seeds):
         raise ValueError(f"two tables come from the same seed ({seeds}); pool one table per seed")
-    names = [n for n in tables[0]["rows"] if all(n in t["rows"] for t in tables)]
-    if not names:
-        raise ValueError("the tables have no row in common")
+    for k in ("n", "steps", "guidance", "resolution", "prompt_file", "model"):  # one setting, several seeds
+        if len({json.dumps(t["args"].get(k)) for t in tables}) > 1:
+            raise ValueError(f"the tables were made with different --{k}; pool the seeds of one setting")
+    names = list(tables[0]["rows"])
+    if any(list(t["rows"]) != names for t in tables) or not all(math.isfinite(x) for t in tables for r in
+                                                              t["scores"].values() for _, c in COLUMNS for x in r[c]):
+        raise ValueError("the tables hold different rows, or a NaN score; pool whole tables of one pipeline")
     cols = [c for c, _ in COLUMNS] + ["Avg"]
     lines = [f"| Model ({len(tables)} seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for n in names:
@@ -279,15 +294,11 @@ def pool(paths):
             cells.append(f"{float(v.mean()):.2f} ± {s:.2f}" if c in ("DeQA", "PickScore") else f"{float(v.mean()):.3f} ± {s:.3f}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "| paired difference (pooled over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    pairs = [(a, b) for a, b in (("Flow-OPD (Merge)", "GRPO-Mix"), ("Flow-OPD (Merge)", "GRPO-GenEval"),
-                                 ("Flow-OPD (Merge)", "GRPO-OCR"), ("Flow-OPD (Merge)", "GRPO-PickScore"),
-                                 ("Flow-OPD (Merge)", "Flow-OPD (Merge) w/o MAR"), ("Flow-OPD (Merge)", "Merge"),
-                                 ("Flow-OPD (Merge)", "Merge+GRPO-Mix"),
-                                 ("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix"),
-                                 ("GRPO-Mix", "GRPO-GenEval"), ("GRPO-Mix", "GRPO-OCR"), ("GRPO-Mix", "GRPO-PickScore"),
-                                 ("GRPO-Mix", "GRPO-DeQA"), ("GRPO-GenEval", "Base"), ("GRPO-OCR", "Base"),
-                                 ("GRPO-PickScore", "Base"), ("GRPO-DeQA", "Base"))
-             if a in names and b in names]
+    teachers = [f"GRPO-{r}" for r in ("GenEval", "OCR", "PickScore", "DeQA")]
+    pairs = [(a, b) for a, b in [("Flow-OPD (Merge)", b) for b in ["GRPO-Mix", *teachers[:3], "Flow-OPD (Merge) w/o MAR",
+                                                                     "Merge", "Merge+GRPO-Mix"]]
+             + [("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix")] + [("GRPO-Mix", t) for t in teachers]
+             + [(t, "Base") for t in teachers] if a in names and b in names]
     for a, b in pairs:
         d = paired(tables, a, b)
         lines.append(f"| {a} - {b} | " + " | ".join(
@@ -308,7 +319,7 @@ def draw_curves(args):
         raise BadInput(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
     try:
         picture = curves(args.curves, args.table)
-        logs = {os.path.basename(p).rsplit(".", 1)[0]: [json.loads(l) for l in open(p)] for p in args.curves}
+        logs = read_logs(args.curves)
         students = [n for n, recs in logs.items() if any(k.startswith("opd/") for r in recs for k in r)]
         rewarded = {n: sum(k.startswith("reward/") for r in recs[:1] for k in r) for n, recs in logs.items()}
         mixes = [n for n, k in rewarded.items() if k > 1]
@@ -321,7 +332,7 @@ def draw_curves(args):
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
         raise BadInput(f"cannot read the logs or the table ({type(e).__name__}: {e}); give JSONL training logs and "
                        "an eval.py table.json") from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     picture.save(args.out)
     print(f"wrote {args.out}")
 
@@ -351,6 +362,10 @@ def main(argv=None):
                     "these prompts (the first --n of each task) instead of the mini world's held-out ones")
     real_rewards.add_args(ap)
     args = ap.parse_args(argv)
+    modes = [m for m, on in (("checkpoints", args.ckpts), ("--curves", args.curves), ("--pool", args.pool)) if on]
+    if len(modes) > 1 or args.table and not args.curves or args.pool and args.out != ap.get_default("out"):
+        raise BadInput(f"{' and '.join(modes)}: give one of checkpoints, --curves LOG... [--table] or --pool TABLE... "
+                       "(which prints, and writes no --out)")
     if args.curves:
         return draw_curves(args)
     if args.pool:
@@ -372,7 +387,6 @@ def main(argv=None):
     if not args.out:
         raise BadInput("--out is empty; give the folder to write the table and the grids to")
     runs.check_sampling_args(args.steps, args.guidance, 0.0, "--steps")
-    checkpoints.check_writable(os.path.join(args.out, "table.md"))
     previous = os.path.join(args.out, "table.json")
     if os.path.exists(previous) and not args.overwrite:
         raise BadInput(f"{args.out} holds an earlier evaluation; pass --overwrite to replace it, or another --out")
@@ -388,6 +402,8 @@ def main(argv=None):
     if twice:
         raise BadInput(f"the row {twice[0]!r} would write the same picture as another row or compare.png "
                        f"({slug(twice[0])}.png); name the rows apart with NAME=PATH")
+    for f in [f"{s}.png" for s in slugs] + ["compare.png", "table.md", "table.json", "table.json.tmp"]:
+        checkpoints.check_writable(os.path.join(args.out, f))  # each: no link, folder or unwritable place
     earlier = []
     if os.path.exists(previous):  # what an earlier evaluation wrote: only plain files of ours, in --out itself
         try:
@@ -412,6 +428,10 @@ def main(argv=None):
     for spec in args.prompt_file or []:
         for p in mw.read_prompt_file(spec, mini=all(base.endswith(".safetensors") for *_, base in sources)):
             by_task.setdefault(p["task"], []).append(p)
+    short = sorted(t for t, ps in by_task.items() if len(ps) < args.n)
+    if short:
+        raise BadInput(f"--n {args.n} but --prompt_file holds {len(by_task[short[0]])} prompt(s) of task {short[0]}; "
+                       "give --n at most that, or more prompts (a prompt is never scored twice)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = fm.dtype_for(args.precision, device)
     for base in dict.fromkeys(base for *_, base in sources):

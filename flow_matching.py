@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +27,8 @@ import miniworld as mw
 import runs
 import sde_sampler as sampler
 from runs import BadInput
+
+warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)  # diffusers' new name, `dtype`, is not in older ones
 
 MINI_CONFIG = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_layers=4, attention_head_dim=32,
                    num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
@@ -143,11 +146,21 @@ def load_model(source, device="cpu", dtype=torch.float32, resolution=512):
                        "give a mini .safetensors checkpoint or a diffusers SD3 directory / hub id") from None
     check_resolution(source, resolution, pipe.transformer.config, pipe.vae_scale_factor)
     pipe.to(device)
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if m is not None:
-            m.requires_grad_(False)
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, part) is not None:
+            check_finite(getattr(pipe, part).requires_grad_(False), source, part)
     return Model(pipe.transformer, "sd3", pipe=pipe, source=source, config=dict(pipe.transformer.config),
                  scheduler=pipe.scheduler)
+
+
+def check_finite(module, source, part="transformer"):
+    """A NaN weight gives NaN images and rewards of 0 without a word: one pass over the weights finds it first (a
+    second or so for SD3.5-M on a GPU)."""
+    bad = next((n for n, p in module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()), None)
+    if bad:
+        raise BadInput(f"{source}: {part}'s weight {bad} holds NaN or inf (a damaged download or a diverged "
+                       "fine-tune); download the model again or use an earlier checkpoint")
+    return module
 
 
 def load_base(args, device):
@@ -361,7 +374,7 @@ def main(argv=None):
                        "of 32, --lr > 0, 0 <= --cfg_drop < 1, 0 <= --ema < 1, --threads >= 0 (0: torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    checkpoints.check_out(args.out, {}, args.overwrite, args.resume, config=vars(args))
+    checkpoints.check_out(args.out, {}, args.overwrite, args.resume, config=vars(args), own=("a base model",))
     checkpoints.lock_out(args.out, 0, 1)
     runs.catch_signals()
 
@@ -377,10 +390,7 @@ def main(argv=None):
         tensors, meta, opt_state = checkpoints.load_state(args.out, vars(args), loop_rngs=[rng])
         if meta["step"] > args.steps:
             raise BadInput(f"--resume: the checkpoint is at step {meta['step']}, past --steps {args.steps}")
-        opt.load_state_dict(opt_state)
-        with torch.no_grad():
-            for i, (p, e) in enumerate(zip(params, ema)):
-                p.copy_(tensors[f"param.{i}"]), e.copy_(tensors[f"ema.{i}"])
+        checkpoints.restore_params(params, opt, tensors, opt_state, {"w": ema})  # (each tensor's shape checked)
         start = meta["step"]
         for _ in range(start * args.batch):  # the data position: the prompt stream is a seeded sequence
             next(prompts)

@@ -11,6 +11,7 @@ same model with its adapter off). A prompt's G samples may sit on different rank
 every advantage sees its whole group, and gradients are averaged over ranks (DDP's semantics).
 """
 import math
+import os
 import random
 import time
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 import checkpoints
 import flow_matching as fm
 import lora
+import merge
 import miniworld as mw
 import real_rewards
 import rewards
@@ -214,8 +216,14 @@ def main(argv=None):
     check_args(args, world)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
     args.prompt_sha256 = mw.prompt_digest(args.prompt_file, fm.is_mini(args.model))  # recorded; --resume compares it
+    args.init_sha256 = merge.sha256(args.init) if args.init and os.path.exists(args.init) else None  # and --init's
+    others = sorted({p["task"] for s in args.prompt_file or [] for p in mw.read_prompt_file(s, fm.is_mini(args.model))}
+                    - set(tasks))
+    if others and rank == 0:  # (not in silence)
+        print(f"skipped the --prompt_file prompts of task(s) {', '.join(others)}: no --reward scores them")
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, **runs.prompt_inputs(args.prompt_file)},
-                          args.overwrite, args.resume, config=vars(args), world=world, log=runs.log_path(args))
+                          args.overwrite, args.resume, config=vars(args), world=world, log=runs.log_path(args),
+                          own=("a teacher", "a mix"))
     for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
         checkpoints.lock_out(path, rank, world, device, flag)
     runs.catch_signals()
@@ -245,7 +253,7 @@ def main(argv=None):
     meta = {"role": role, "rewards": weights, "tasks": tasks, "base_path": fm.recorded_path(args.model),
             "base_hash": base_hash, "init": args.init}
     start, state, opt_state = checkpoints.resume(args, stream, order_rng, rank, world, {"base_hash": base_hash})
-    if start:
+    if state is not None:
         checkpoints.restore_params(params, opt, state, opt_state, ema)
     log = runs.open_log(args, rank, start)
     if rank == 0:

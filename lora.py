@@ -204,6 +204,8 @@ def read_lora(path):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         hit = re.fullmatch(r"(.+)\.lora_([AB])(?:\.default)?\.weight", k)
+        if hit and not v.is_floating_point():
+            raise BadInput(f"{path}: {k} holds {v.dtype} values; LoRA factors are floating point (the file is damaged)")
         if hit:
             pairs.setdefault(hit.group(1), [None, None])["AB".index(hit.group(2))] = v.float()
         else:
@@ -224,6 +226,8 @@ def read_lora(path):
                            "lora_A (r, in) and lora_B (out, r)")
     if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in pairs.values()):
         raise BadInput(f"{path} holds NaN or inf weights (a diverged run?); give a finite adapter")
+    if config is None and meta:  # ours always records its scale: without it the delta would be off by alpha / r
+        raise BadInput(f"{path}: a flow-opd LoRA without its lora_adapter_metadata (r, lora_alpha); the file is damaged")
     if config is None:  # diffusers' save_lora_weights without metadata: diffusers then takes alpha = r (scale 1)
         scale = 1.0
     else:

@@ -89,7 +89,8 @@ def main(argv=None):
         raise BadInput(f"--out {args.out}: a merge is written as safetensors; give a .safetensors path")
     if len({os.path.realpath(p) for p in args.teachers}) < len(args.teachers):
         raise BadInput("a teacher is given twice; give each teacher once (--weights sets its share)")
-    checkpoints.check_out(args.out, {f"teacher {p}": p for p in args.teachers}, args.overwrite, resumable=False)
+    checkpoints.check_out(args.out, {f"teacher {p}": p for p in args.teachers}, args.overwrite, resumable=False,
+                          own=("a merge",))
     checkpoints.lock_out(args.out, 0, 1)  # two merges never write one file
     pairs, meta = merge_files(args.teachers, args.weights)
     lora.write_lora(args.out, pairs, 1.0, meta)  # scale 1: the weights and the teachers' scales live in B

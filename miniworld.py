@@ -181,12 +181,14 @@ def train_prompts(tasks=TASKS, seed=0, pretrain=False):
 
 def prompt_stream(prompt_files, tasks, seed, mini=True):
     """An endless, seeded stream of training prompts of these tasks: the prompt files' (read, and every prompt
-    checked, now: not when it is first drawn, maybe on one rank only), or the mini world's."""
+    checked, now: not when it is first drawn, maybe on one rank only), or the mini world's. Every task needs a
+    prompt (those of other tasks are left out: the scripts name them)."""
     if not prompt_files:
         return train_prompts(tasks, seed=seed)
     ps = [p for spec in prompt_files for p in read_prompt_file(spec, mini) if p["task"] in tasks]
-    if not ps:
-        raise BadInput(f"{' '.join(prompt_files)} hold no prompts of task(s) {tasks}")
+    missing = [t for t in tasks if t not in {p["task"] for p in ps}]
+    if missing:
+        raise BadInput(f"{' '.join(prompt_files)} hold no prompt of task {missing[0]}, which this run trains")
 
     def stream(rng=random.Random(seed)):
         while True:
@@ -229,7 +231,7 @@ def read_prompt_file(spec, mini=True):
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        if task and not path.endswith(".jsonl"):
+        if task and not path.lower().endswith(".jsonl"):
             out.append({"prompt": line.strip(), "task": task})
             continue
         try:

@@ -60,8 +60,7 @@ def dense_reward(v_student, v_target, sigmas, t, noise_level):
 
 
 def return_to_go(reward):
-    """(B, T) dense rewards -> (B, T): the sum of each step's later rewards (the exact trajectory-KL gradient's
-    extra advantage)."""
+    """(B, T) dense rewards -> (B, T): the sum of each step's later rewards (the trajectory KL's extra advantage)."""
     return reward.flip(1).cumsum(1).flip(1) - reward
 
 
@@ -112,8 +111,7 @@ def routed_velocity(model, x_t, sigma, enc, groups, guidance, micro_batch):
 
 # ----------------------------------------------------------------------------------------------- cold starts
 def sft_cold_start(model, student, params, routes, tasks, args, device, rank=0, world=1):
-    """SFT: Eq. 1 on images each prompt's routed teacher generates (ODE), into the student. False if a stop signal
-    ended it (before any checkpoint: the same command starts over)."""
+    """SFT: Eq. 1 on the ODE images of each prompt's routed teacher, into the student; False if a signal stopped it."""
     opt = torch.optim.AdamW(params, lr=args.sft_lr)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=model.kind == "mini")
     pool = []
@@ -132,8 +130,7 @@ def sft_cold_start(model, student, params, routes, tasks, args, device, rank=0, 
     for _ in tqdm(range(args.sft_steps), desc="sft: Eq. 1", leave=False):
         if runs.stop_requested(world, device):  # every rank agrees, or FSDP's collectives hang
             if rank == 0:
-                print(f"stopped by {runs.STOP.get('signal', 'a signal to another process')} during the SFT cold start, "
-                      "before any checkpoint; run the same command again to start over")
+                print(f"stopped by {runs.STOP.get('signal', 'a signal')} during the SFT cold start; run it again to start over")
             return False
         batch = rng.sample(pool, min(args.micro_batch, len(pool)))
         x0 = torch.stack([x for _, x in batch]).to(device)
@@ -178,17 +175,16 @@ def parse_args(argv=None):
 
 
 def per_world(args):
-    """The defaults that differ between the worlds. With a dense query the mini world trains the first half of the
-    denoising steps, its teachers' window (measured: it closes the OCR gap to the teacher; the official code trains
-    every SDE step but the last, as SD3 does here), and evaluates every 10 steps. --full keeps no EMA (a 2nd copy)."""
+    """The defaults that differ between the worlds: with a dense query the mini world trains its teachers' window, the
+    first half of the denoising steps (measured: it closes the OCR gap; SD3 trains every SDE step but the last, as
+    the official code), and evaluates every 10 steps. --full keeps no EMA (a 2nd copy)."""
     mini = fm.is_mini(args.model)
     return {"sde_window": [0, (args.sample_steps + 1) // 2] if mini and args.query == "dense" else None,
             "eval_every": 10 if mini else 0, "ema_decay": 0.0 if args.full else 0.9}
 
 
 def resolve_inputs(args):
-    """The routes (Eq. 7: task -> teacher), the tasks trained and the MAR anchor ('base', None or a path), checked
-    before any work."""
+    """Eq. 7's routes (task -> teacher), the tasks trained and the MAR anchor ('base', None or a path), checked first."""
     routes, skipped = lora.resolve_teachers(args.teachers)
     tasks = list(dict.fromkeys(args.tasks or [t for t in sorted(routes) if t != "deqa"]))  # each task once
     for t in [t for t in [*routes, *tasks] if t not in mw.TASKS]:
@@ -197,12 +193,12 @@ def resolve_inputs(args):
         raise BadInput("no task to distil: the only teacher is the quality (deqa) one, which is the MAR anchor; add "
                        "teachers, or --tasks deqa to route it")
     route([{"prompt": "", "task": t} for t in tasks], routes)  # every label has its one teacher, before any work
+    anchor = {"auto": routes.get("deqa"), "none": None, "base": "base"}.get(args.anchor, args.anchor)
     skipped += [(p, f"serves {t}, which is not distilled: add it to --tasks") for t, p in routes.items()
-                if t not in tasks and t != "deqa"]  # (deqa's teacher is the MAR anchor)
+                if t not in tasks and (t != "deqa" or anchor in (None, "base"))]  # (deqa's: the MAR anchor)
     prompts = [p for s in args.prompt_file or [] for p in mw.read_prompt_file(s, fm.is_mini(args.model))]
     skipped += [(f"the --prompt_file prompts of task {t}", "no teacher distils it") for t in
                 sorted({p["task"] for p in prompts} - set(tasks))]
-    anchor = {"auto": routes.get("deqa"), "none": None, "base": "base"}.get(args.anchor, args.anchor)
     if anchor not in (None, "base"):
         anchor = lora.fetch_adapter(anchor)
         if not os.path.exists(anchor):
@@ -214,8 +210,7 @@ def resolve_inputs(args):
 
 def build(args, model, routes, tasks, anchor, world):
     """Every teacher and the anchor as adapters on the one frozen base, and the student from its cold start (its
-    own adapter, or with --full its own copy). Returns the student, its trained parameters, the anchor's adapter
-    name ('base' for the frozen base, None for no MAR) and the output's metadata."""
+    own adapter, or its own copy with --full): (student, its parameters, the anchor's adapter name, output metadata)."""
     base_hash = fm.fingerprint(model)
     full = copy.deepcopy(model.transformer).float() if args.full else None  # before any adapter is added
 
@@ -303,10 +298,12 @@ def main(argv=None):
     routes, skipped, tasks, anchor = resolve_inputs(args)
     stream = mw.prompt_stream(args.prompt_file, tasks, args.seed, mini=fm.is_mini(args.model))
     args.prompt_sha256 = mw.prompt_digest(args.prompt_file, fm.is_mini(args.model))  # recorded; --resume compares it
+    args.init_sha256 = merge.sha256(args.init) if os.path.exists(args.init) else None  # (and a cold start's content)
     checkpoints.check_out(args.out, {"--model": args.model, "--init": args.init, "--anchor": anchor,
                                      **{f"--teachers {t}": p for t, p in routes.items()}, **runs.prompt_inputs(args.prompt_file)},
                           args.overwrite, args.resume, folder=args.full and not fm.is_mini(args.model),
-                          config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args))
+                          config=vars(args), world=world, may_change=("teachers", "anchor"), log=runs.log_path(args),
+                          own=("a student", f"a {args.init}"))  # (a cold start's role is its --init)
     for path, flag in ((args.out, "--out"), (runs.log_path(args), "--log_file")):  # one run per output and log
         checkpoints.lock_out(path, rank, world, device, flag)
     runs.catch_signals()
@@ -337,9 +334,9 @@ def main(argv=None):
     start, state, opt_state = checkpoints.resume(args, stream, order_rng, rank, world, {"base_hash": meta["base_hash"]},
                                                  may_change=("teachers", "anchor"),  # checked by content above
                                                  read_tensors=rank == 0 or not args.full)
-    if start and args.full:
+    if state is not None and args.full:  # (a checkpoint of step 0 too: the SFT cold start of --steps 0)
         checkpoints.restore_full(student.transformer, opt, state, opt_state, world)
-    elif start:
+    elif state is not None:
         checkpoints.restore_params(params, opt, state, opt_state, ema)
     log = runs.open_log(args, rank, start)
     checkpoint = saver(args, model, student, params, opt, ema, meta, order_rng, rank, world)
@@ -444,6 +441,9 @@ def check_args(args, world):
         raise BadInput("--steps 0 writes a cold start; it has nothing to resume (drop --resume)")
     if args.sft_samples < 1 or args.sft_steps < 1 or not args.sft_lr > 0:
         raise BadInput("--sft_samples and --sft_steps must be >= 1 and --sft_lr > 0")
+    sft = (args.sft_samples, args.sft_steps, args.sft_lr) != (512, 200, 1e-3)  # not their defaults
+    if args.query == "low" and args.advantage != "analytic" or args.init != "sft" and sft:
+        raise BadInput("--advantage has no effect with --query low, nor --sft_* without --init sft; drop them")
 
 
 if __name__ == "__main__":

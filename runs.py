@@ -56,8 +56,15 @@ def run(main_fn):
             print(f"error (rank {rank}): another process of this run stopped (see its error above)", file=sys.stderr)
             sys.exit(1)
         raise
+    finally:
+        for d in sorted(CREATED, key=len, reverse=True):  # the folders the output checks made, if still empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
 
 
+CREATED = []  # folders made by the output checks (checkpoints.check_writable), deepest first
 IN_LOOP = False  # set when a training loop starts: from then on, an error is the raising rank's own
 
 
@@ -248,8 +255,8 @@ def open_log(args, rank, start):
         if "f" not in state:
             kept = []
             if args.resume and os.path.isfile(path):
-                kept = [l for l in open(path) if _step_of(l) is not None and _step_of(l) <= start]
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                kept = [l for l in open(path, errors="replace") if _step_of(l) is not None and _step_of(l) <= start]
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             state["f"] = open(path, "w")
             state["f"].writelines(kept)
         state["f"].write(json.dumps(rec) + "\n")

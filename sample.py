@@ -55,6 +55,11 @@ def main(argv=None):
     runs.check_sampling_args(args.steps, args.guidance, args.noise_level, "--steps")
     if args.bench < 0:
         raise BadInput(f"--bench must be a positive batch size, got {args.bench}")
+    if args.bench and (args.lora or args.prompt or args.out != ap.get_default("out")):
+        raise BadInput("--bench times the base's rollouts alone: --lora, --prompt and --out have no effect; drop them")
+    long = [p for p in args.prompt or [] if fm.is_mini(args.model) and len(mw.tokenize(p)) > mw.MAX_TOKENS]
+    if long:  # the mini text encoder would read only its first tokens
+        raise BadInput(f"--prompt {mw.short(long[0])} is longer than the mini text encoder's {mw.MAX_TOKENS} tokens")
     if not args.bench:
         if not args.out.lower().endswith(".png"):
             raise BadInput(f"--out {args.out}: the grid is written as a PNG; give a .png path")
