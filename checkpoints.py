@@ -114,8 +114,9 @@ def check_out(out, inputs, overwrite=False, resume=False, folder=False, config=N
     if resumable and os.path.isdir(state_dir(out)) and any(d.startswith("step_") for d in os.listdir(state_dir(out))):
         done.append(state_dir(out))
     if done == [log] and not (overwrite or resume) and ours_log(log):
-        raise BadInput(f"{log} exists but {out} and its checkpoints do not: that run stopped before its first "
-                       "checkpoint, so nothing is lost by starting again; pass --overwrite to do so")
+        raise BadInput(f"{log} exists but {out} and its checkpoints do not: a run of this --out stopped before its "
+                       "first checkpoint (nothing is lost by starting again: pass --overwrite), or the log is another "
+                       "run's whose --out has the same file name (give this run its own --log_file)")
     if done and not (overwrite or resume):
         raise BadInput(f"{' and '.join(done)} exist{'s' if len(done) == 1 else ''} (a finished or stopped run's): pass "
                        + ("--resume to continue that run, " if resumable else "") + "--overwrite to replace "

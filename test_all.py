@@ -2420,7 +2420,7 @@ CATALOGUE = [  # name, the command ({I}: the inputs folder), what the one line m
                                         "2", "--resume", "--out", "{I}/rng/t.safetensors"], "rng_rank0.json is damaged"),
     ("rerun_of_a_run_killed_before_its_first_checkpoint", ["grpo_teacher.py", "--model", B, "--out",
                                                            "{I}/killed/t.safetensors", "--log_file", "{I}/killed.jsonl"],
-     "stopped before its first checkpoint, so nothing is lost by starting again; pass --overwrite"),
+     "stopped before its first checkpoint (nothing is lost by starting again: pass --overwrite)"),
     ("resume_without_checkpoint", ["grpo_teacher.py", "--model", B, "--resume"], "no checkpoint"),
     ("full_resume_without_checkpoint", ["opd_student.py", "--model", B, "--teachers", "{I}/geneval.safetensors",
                                         "--full", "--resume"], "--resume: no checkpoint"),
