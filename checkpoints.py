@@ -137,19 +137,22 @@ def ours_log(path):
         return False
 
 
+def read_safetensors(path, fix, what=""):
+    """(metadata, tensors) of a safetensors file, or one line saying it is not one (truncated, another format)."""
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise BadInput(f"{what}{path} is not a readable safetensors file ({type(e).__name__}); {fix}") from None
+
+
 def read_mini(source, mini_config):
     """A mini base file, checked before any work: safetensors whose metadata says format "flow-opd-mini" and holds
     the "config" of its SD3Transformer2DModel (mini_config(depth, width): only the depth, num_layers, and the width,
     32 x num_attention_heads, vary), and finite float tensors "transformer.*" and "text_encoder.*". (config, tensors)"""
     if not os.path.isfile(source):
         raise BadInput(f"checkpoint {source} does not exist; pretrain one with `python flow_matching.py --out {source}`")
-    try:
-        with safe_open(source, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise BadInput(f"checkpoint {source} is not a readable safetensors file ({type(e).__name__}); "
-                       "re-create it with `python flow_matching.py`") from None
+    meta, tensors = read_safetensors(source, "re-create it with `python flow_matching.py`", "checkpoint ")
     if meta.get("format") != "flow-opd-mini":
         raise BadInput(f"{source} is not a flow-opd base model (format={meta.get('format')!r}); "
                        "a LoRA teacher goes to --teachers, a base to --model")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from checkpoints import atomic_save
+from checkpoints import atomic_save, read_safetensors
 from runs import BadInput
 
 # Flow-GRPO's LoRA targets (its train_sd3.py, matched by peft's suffix rule): the image and text projections of the
@@ -183,12 +183,7 @@ def read_lora(path):
                            "pytorch_lora_weights.safetensors (diffusers)")
     if not os.path.isfile(path):
         raise BadInput(f"LoRA {path} does not exist; train one with grpo_teacher.py or give a peft adapter directory")
-    try:
-        with safe_open(path, "pt") as f:
-            m = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable safetensors file ({type(e).__name__}); it may be truncated") from None
+    m, tensors = read_safetensors(path, "it may be truncated")
     meta = our_meta(m, path)
     if config is None and "lora_adapter_metadata" in m:  # ours, or diffusers' with its metadata
         try:
