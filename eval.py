@@ -4,8 +4,11 @@
 A checkpoint is a base model or a LoRA (a teacher or a student; it records its base, or give --model). Every row
 uses the same prompts and the same initial noise, so rows differ only by the model. Columns as in the paper:
 GenEval (strict: every check passes), OCR Acc., DeQA, PickScore, and Avg = mean(GenEval, OCR, DeQA/5, PickScore/26),
-each with its standard error. Writes table.md, table.json, a grid <row>.png per checkpoint and compare.png (the same
-prompts side by side across rows) into --out, a new folder or one an earlier evaluation wrote."""
+each with its standard error. --ood adds Table 3's analogue (ood.py: compositions no stage sees), --quality Table
+4's (quality.py: metrics no reward optimises) and variety.png (the same prompts under four noises: MAR's picture).
+Writes table.md, table.json, a grid <row>.png per checkpoint and compare.png (the same prompts side by side across
+rows) into --out, a new folder or one an earlier evaluation wrote. --pool pools seeds, --curves draws training
+curves (curves.py)."""
 import json
 import math
 import os
@@ -15,9 +18,12 @@ import torch
 from PIL import Image, ImageDraw
 
 import checkpoints
+import curves
 import flow_matching as fm
 import lora
 import miniworld as mw
+import ood
+import quality
 import real_rewards
 import rewards
 import runs
@@ -25,7 +31,6 @@ import sample
 from runs import BadInput
 
 COLUMNS = [("GenEval", "geneval"), ("OCR Acc.", "ocr"), ("DeQA", "deqa"), ("PickScore", "pickscore")]
-TEACHERS = {"GenEval": "GRPO-GenEval", "OCR Acc.": "GRPO-OCR", "DeQA": "GRPO-DeQA", "PickScore": "GRPO-PickScore"}
 CATEGORY_NAMES = {"single_object": "single object", "two_object": "two objects", "counting": "counting",
                   "colors": "colours", "position": "position", "color_attr": "colour attribution"}  # GenEval's six
 
@@ -95,32 +100,59 @@ def slug(name):
     return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split()) or "row"
 
 
+def _sample(model, prompts, noise, steps, guidance, batch, each):
+    """ODE samples of the prompts from this noise, batch by batch: each(images, prompts, start) sees every batch."""
+    for i in range(0, len(prompts), batch):
+        if runs.stop_signalled():  # Ctrl-C / SIGTERM: stop within one batch
+            raise runs.Interrupted("a stop signal arrived during the evaluation")
+        chunk = prompts[i:i + batch]
+        out = fm.rollout(model, fm.encode_prompts(model, chunk), steps, guidance, sde=[], x=noise[i:i + batch])
+        each(fm.to_images(model, out["states"][:, -1]).float().cpu(), chunk, i)
+
+
 @torch.no_grad()
-def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=512, prompts_by_task=None):
-    """Score n held-out prompts per task (the mini world's, or the first n of each task's prompt file).
-    Returns ({column: [scores]}, images, prompts) for the grid."""
-    scores, images, shown = {}, [], []
-    for task in mw.TASKS:
+def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=512, prompts_by_task=None,
+             ood_kinds=False, quality_metrics=False):
+    """Score n held-out prompts per task (the mini world's, or the first n of each task's prompt file); with
+    ood_kinds, also n prompts of each out-of-distribution kind (Table 3); with quality_metrics, the held-out quality
+    metrics (Table 4): aesthetic and agreement on the same pictures, diversity on min(16, n) prompts per task x
+    4 noises.
+    Returns ({column: [scores]}, images, prompts) for the grid, and the diversity pictures (for variety.png)."""
+    scores, images, shown, variety = {}, [], [], []
+
+    def noise(k, m):  # the same for every row: Table 2's task k, an OOD kind (10 + k), diversity (20 + k)
+        return torch.randn((m, *model.latent_shape(resolution)), generator=torch.Generator().manual_seed(seed + k))
+
+    for k, task in enumerate(mw.TASKS):
         prompts = (prompts_by_task or {}).get(task) or mw.eval_prompts(task, n)
         prompts = [prompts[i % len(prompts)] for i in range(n)]
-        g = torch.Generator().manual_seed(seed + mw.TASKS.index(task))
-        noise = torch.randn((n, *model.latent_shape(resolution)), generator=g)  # the same for every row
         vals = []
-        for i in range(0, n, batch):
-            if runs.stop_signalled():  # Ctrl-C / SIGTERM: stop within one batch
-                raise runs.Interrupted("a stop signal arrived during the evaluation")
-            chunk = prompts[i:i + batch]
-            out = fm.rollout(model, fm.encode_prompts(model, chunk), steps, guidance, sde=[], x=noise[i:i + batch])
-            img = fm.to_images(model, out["states"][:, -1]).float().cpu()
+
+        def each(img, chunk, i):
             vals.append(rewards.metric(task)(img, chunk))
+            if quality_metrics:
+                scores.setdefault("quality:aesthetic", []).extend(quality.aesthetic(img).tolist())
+                scores.setdefault("quality:agreement", []).extend(quality.agreement(img, chunk).tolist())
             if i == 0:
                 images.append(img[:8])
-                shown += [p["prompt"] for p in chunk[:8]]
-        vals = torch.cat(vals)
-        scores[task] = vals.tolist()
+                shown.extend(p["prompt"] for p in chunk[:8])
+        _sample(model, prompts, noise(k, n), steps, guidance, batch, each)
+        scores[task] = torch.cat(vals).tolist()
         if task == "geneval":
             scores["geneval_category"] = [p.get("tag") or mw.geneval_category(p["prompt"]) for p in prompts]
-    return scores, torch.cat(images), shown
+    for k, kind in enumerate(ood.KINDS if ood_kinds else ()):
+        vals = []
+        _sample(model, ood.eval_prompts(kind, n), noise(10 + k, n), steps, guidance, batch,
+                lambda img, chunk, i: vals.append(ood.score(img, chunk)))
+        scores[f"ood:{kind}"] = torch.cat(vals).tolist()
+    for k, task in enumerate(mw.TASKS if quality_metrics else ()):
+        pics, m = [], min(16, n)
+        prompts = [p for p in mw.eval_prompts(task, m) for _ in range(4)]  # 16 prompts (at most n) x 4 noises
+        _sample(model, prompts, noise(20 + k, 4 * m), steps, guidance, batch, lambda img, chunk, i: pics.append(img))
+        pics = torch.cat(pics).view(m, 4, *pics[0].shape[1:])
+        scores.setdefault("quality:diversity", []).extend(quality.diversity(pics).tolist())
+        variety.append(pics[:2].flatten(0, 1))  # the first two prompts of each task, 4 noises each
+    return scores, torch.cat(images), shown, variety
 
 
 def by_category(scores):
@@ -146,133 +178,66 @@ def category_markdown(raw):
     return "\n".join(lines)
 
 
+# The tables: (title, [(column, score key)], the mean column). Table 2's mean is the paper's Avg (DeQA / 5,
+# PickScore / 26); Tables 3 and 4 appear when their scores were asked for (--ood, --quality).
+TABLES = [("Table 2", COLUMNS, "Avg"),
+          ("Table 3 (out of distribution)", [("Binding", "ood:binding"), ("Three objects", "ood:three"),
+                                             ("Numeracy", "ood:numeracy"), ("Spatial", "ood:spatial"),
+                                             ("Scene", "ood:scene")], "OOD mean"),
+          ("Table 4 (held-out quality)", [("Aesthetic", "quality:aesthetic"), ("Agreement", "quality:agreement"),
+                                          ("Diversity", "quality:diversity")], None)]
+
+
+def tables_of(scores):
+    """The tables whose scores are all there."""
+    return [t for t in TABLES if all(key in scores for _, key in t[1])]
+
+
 def summarise(scores):
-    """Mean and standard error per column, and Avg = mean(GenEval, OCR, DeQA/5, PickScore/26)."""
+    """Mean and standard error per column of every table present, and each table's mean column (Table 2's Avg =
+    mean(GenEval, OCR, DeQA/5, PickScore/26))."""
     row = {}
-    for name, task in COLUMNS:
-        v = torch.tensor(scores[task])
-        row[name] = (float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0)
-    avg = sum(row[name][0] / rewards.SCALE[task] for name, task in COLUMNS) / 4
-    se = math.sqrt(sum((row[name][1] / rewards.SCALE[task]) ** 2 for name, task in COLUMNS)) / 4
-    row["Avg"] = (avg, se)
+    for _, columns, mean_name in tables_of(scores):
+        for name, key in columns:
+            v = torch.tensor(scores[key])
+            row[name] = (float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0)
+        if mean_name:
+            scale = [rewards.SCALE.get(key, 1.0) for _, key in columns]
+            row[mean_name] = (sum(row[c][0] / s for (c, _), s in zip(columns, scale)) / len(columns),
+                              math.sqrt(sum((row[c][1] / s) ** 2 for (c, _), s in zip(columns, scale))) / len(columns))
     return row
 
 
-def markdown(rows):
-    cols = [c for c, _ in COLUMNS] + ["Avg"]
+def fmt(column, mean, spread, sign=""):
+    """DeQA and PickScore with two decimals, the fractions with three."""
+    return f"{mean:{sign}.2f} ± {spread:.2f}" if column in ("DeQA", "PickScore") else f"{mean:{sign}.3f} ± {spread:.3f}"
+
+
+def markdown(rows, table=TABLES[0]):
+    cols = [c for c, _ in table[1]] + ([table[2]] if table[2] else [])
     lines = ["| Model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, row in rows.items():
-        fmt = lambda c: f"{row[c][0]:.2f} ± {row[c][1]:.2f}" if c in ("DeQA", "PickScore") else f"{row[c][0]:.3f} ± {row[c][1]:.3f}"
-        lines.append(f"| {name} | " + " | ".join(fmt(c) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(c, *row[c]) for c in cols) + " |")
     return "\n".join(lines)
 
 
-UNITS = {"GenEval": "GenEval (fraction right)", "OCR Acc.": "OCR Acc. (1 - edit distance)", "Avg": "Avg (Table 2's)",
-         "DeQA": "DeQA (MOS, 1-5)", "PickScore": "PickScore (0-26)"}
-
-
-def wall_clock(recs):
-    """Each record's training time so far, in seconds: its step times the median time of a step (the t_* fields a
-    record gives its own step; evaluation excluded). The median keeps one stalled step (a busy machine) from
-    standing for the steps around it."""
-    per_step = sorted(sum(v for k, v in r.items() if k.startswith("t_")) for r in recs)
-    median = per_step[len(per_step) // 2] if per_step else 0.0
-    return [r["step"] * median for r in recs]
-
-
-def time_to_reach(student, mix, teachers=()):
-    """When the student's held-out Avg first reaches GRPO-Mix's final one: (level, seconds of Stage 2, seconds with
-    its teachers' training, GRPO-Mix's whole run), or None if it never does. Each argument: a log's records."""
-    evals = [(t, r["eval/Avg"]) for r, t in zip(student, wall_clock(student)) if "eval/Avg" in r]
-    level = [r["eval/Avg"] for r in mix if "eval/Avg" in r][-1]
-    t = next((t for t, v in evals if v >= level), None)
-    if t is None:
-        return None
-    stage1 = sum(wall_clock(recs)[-1] for recs in teachers)
-    return level, t, t + stage1, wall_clock(mix)[-1]
-
-
-def read_logs(paths):
-    """{a log's file name: its records}; a NaN or inf anywhere is refused (it would draw a garbage panel)."""
-    names = [os.path.basename(p).rsplit(".", 1)[0] for p in paths]
-    if len(set(names)) < len(names):
-        raise ValueError(f"two logs are named {max(names, key=names.count)!r}; the curves name a log by its file")
-    return {n: [json.loads(l, parse_constant=_not_finite) for l in open(p)] for n, p in zip(names, paths)}
-
-
-def _not_finite(constant):
-    raise ValueError(f"a log holds {constant}")
-
-
-def curves(logs, table=None, teachers=TEACHERS):
-    """The seesaw as a picture: each metric's held-out score (eval/* records) for each JSONL log (GRPO-Mix, Flow-OPD;
-    a single-reward teacher's log counts only for main's time-to-Mix),
-    against the training step (top row) and against training time in seconds (bottom row), with the specialist
-    teachers' and the base's final levels from a table.json as dashed lines."""
-    runs_ = {k: v for k, v in read_logs(logs).items() if any(kk.startswith("eval/") for r in v for kk in r)  # the students and
-             and sum(kk.startswith("reward/") for r in v[:1] for kk in r) != 1}                    # mixes, not teachers
-    if not runs_:
-        raise ValueError("the logs hold no held-out evaluation (eval/* records; train with --eval_every N)")
-    rows = json.load(open(table))["rows"] if table else {}
-    titles = [c for c, _ in COLUMNS] + ["Avg"]
-    W, H, pad, top = 300, 230, 46, 24
-    img = Image.new("RGB", (W * len(titles), 2 * H + 20 + 12 * (len(runs_) + 2)), "white")
-    draw = ImageDraw.Draw(img)
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75)]
-    color = {name: palette[i % len(palette)] for i, name in enumerate(sorted(runs_))}
-    for row, (xname, xs_of) in enumerate((("training step", lambda recs: [r["step"] for r in recs]),
-                                          ("training time (s): steps x median step", wall_clock))):
-        for k, title in enumerate(titles):
-            x0, y0 = k * W, row * H
-            lines = {name: [(x, r[f"eval/{title}"]) for x, r in zip(xs_of(recs), recs) if f"eval/{title}" in r]
-                     for name, recs in runs_.items()}
-            levels = {row_: rows[row_][title][0] for row_ in ("Base", teachers.get(title)) if title in rows.get(row_, {})}
-            values = [v for p in lines.values() for _, v in p] + list(levels.values())
-            xs = [x for p in lines.values() for x, _ in p]
-            if not values:
-                continue
-            lo, hi = min(values), max(values)
-            lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
-            x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1e-9)
-            sx = lambda x: x0 + pad + (x - x_lo) / (x_hi - x_lo) * (W - pad - 10)  # noqa: E731
-            sy = lambda v: y0 + top + (hi - v) / (hi - lo) * (H - top - 30)  # noqa: E731
-            draw.rectangle([x0 + pad, y0 + top, x0 + W - 10, y0 + H - 30], outline="black")
-            draw.text((x0 + pad, y0 + 6), UNITS[title], fill="black")
-            for v in (lo, (lo + hi) / 2, hi):
-                draw.text((x0 + 4, sy(v) - 6), f"{v:.3g}", fill="black")
-            for x in (x_lo, (x_lo + x_hi) / 2, x_hi):
-                draw.text((sx(x) - 10, y0 + H - 28), f"{x:.0f}", fill="black")
-            draw.text((x0 + pad + 60, y0 + H - 16), xname, fill="black")
-            for name, value in levels.items():
-                for xd in range(x0 + pad, x0 + W - 10, 8):
-                    draw.line([xd, sy(value), xd + 4, sy(value)], fill=(150, 150, 150) if name == "Base" else (0, 0, 0))
-                draw.text((x0 + W - 10 - 7 * len(name), sy(value) - 11), name, fill=(90, 90, 90))
-            for name, p in lines.items():
-                p = sorted(p)
-                draw.line([(sx(x), sy(v)) for x, v in p] if len(p) > 1 else [(sx(p[0][0]), sy(p[0][1]))] * 2,
-                          fill=color[name], width=2)
-    for y, name in enumerate(sorted(runs_)):
-        draw.text((pad, 2 * H + 6 + 12 * y), f"{name} (held-out, EMA weights)", fill=color[name])
-    draw.text((pad, 2 * H + 6 + 12 * len(runs_)), "dashed: final levels from the table (grey: Base; black: the column's specialist teacher)",
-              fill="black")
-    return img
-
-
-def paired(tables, a, b):
+def paired(tables, a, b, table=TABLES[0]):
     """Row a minus row b over the same prompts and noise, pooled over tables (seeds): {column: (mean, standard
-    error)}, and Avg's, whose error combines the four columns' (they are scored on different prompts)."""
-    out = {}
-    for name, task in COLUMNS:
-        d = torch.tensor([x - y for t in tables for x, y in zip(t["scores"][a][task], t["scores"][b][task])])
+    error)}, and the mean column's, whose error combines the columns' (they are scored on different prompts)."""
+    out, columns, mean_name = {}, table[1], table[2]
+    for name, key in columns:
+        d = torch.tensor([x - y for t in tables for x, y in zip(t["scores"][a][key], t["scores"][b][key])])
         out[name] = (float(d.mean()), float(d.std() / math.sqrt(len(d))))
-    out["Avg"] = (sum(out[n][0] / rewards.SCALE[t] for n, t in COLUMNS) / 4,
-                  math.sqrt(sum((out[n][1] / rewards.SCALE[t]) ** 2 for n, t in COLUMNS)) / 4)
+    if mean_name:
+        scale = [rewards.SCALE.get(key, 1.0) for _, key in columns]
+        out[mean_name] = (sum(out[n][0] / s for (n, _), s in zip(columns, scale)) / len(columns),
+                          math.sqrt(sum((out[n][1] / s) ** 2 for (n, _), s in zip(columns, scale))) / len(columns))
     return out
 
 
 def pool(paths):
-    """Several seeds' table.json -> the mean table (+- the seeds' standard deviation) and the paired differences
-    the README quotes (95% interval = 1.96 standard errors)."""
+    """Several seeds' table.json -> for each table they all hold, the mean table (+- the seeds' standard deviation)
+    and the paired differences the README quotes (95% interval = 1.96 standard errors)."""
     tables = [json.load(open(p)) for p in paths]
     seeds = [t["args"]["seed"] for t in tables]
     if len(set(seeds)) < len(seeds):
@@ -284,61 +249,33 @@ def pool(paths):
     if any(list(t["rows"]) != names for t in tables) or not all(math.isfinite(x) for t in tables for r in
                                                               t["scores"].values() for _, c in COLUMNS for x in r[c]):
         raise ValueError("the tables hold different rows, or a NaN score; pool whole tables of one pipeline")
-    cols = [c for c, _ in COLUMNS] + ["Avg"]
-    lines = [f"| Model ({len(tables)} seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for n in names:
-        cells = []
-        for c in cols:
-            v = torch.tensor([t["rows"][n][c][0] for t in tables])
-            s = float(v.std()) if len(v) > 1 else 0.0
-            cells.append(f"{float(v.mean()):.2f} ± {s:.2f}" if c in ("DeQA", "PickScore") else f"{float(v.mean()):.3f} ± {s:.3f}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "| paired difference (pooled over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     teachers = [f"GRPO-{r}" for r in ("GenEval", "OCR", "PickScore", "DeQA")]
-    pairs = [(a, b) for a, b in [("Flow-OPD (Merge)", b) for b in ["GRPO-Mix", *teachers[:3], "Flow-OPD (Merge) w/o MAR",
+    pairs = [(a, b) for a, b in [("Flow-OPD (Merge)", b) for b in ["GRPO-Mix", *teachers, "Flow-OPD (Merge) w/o MAR",
                                                                      "Merge", "Merge+GRPO-Mix"]]
              + [("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix")] + [("GRPO-Mix", t) for t in teachers]
              + [(t, "Base") for t in teachers] if a in names and b in names]
-    for a, b in pairs:
-        d = paired(tables, a, b)
-        lines.append(f"| {a} - {b} | " + " | ".join(
-            f"{d[c][0]:+.3f} ± {1.96 * d[c][1]:.3f}" if c not in ("DeQA", "PickScore") else
-            f"{d[c][0]:+.2f} ± {1.96 * d[c][1]:.2f}" for c in cols) + " |")
+    lines = []
+    for table in [t for t in TABLES if all(t in tables_of(tb["scores"][names[0]]) for tb in tables)]:
+        title, columns, mean_name = table
+        cols = [c for c, _ in columns] + ([mean_name] if mean_name else [])
+        lines += ([] if table is TABLES[0] else ["", f"{title}:", ""])
+        lines += [f"| Model ({len(tables)} seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for n in names:
+            cells = []
+            for c in cols:
+                v = torch.tensor([t["rows"][n][c][0] for t in tables])
+                cells.append(fmt(c, float(v.mean()), float(v.std()) if len(v) > 1 else 0.0))
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "| paired difference (pooled over seeds) | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for a, b in pairs:
+            d = paired(tables, a, b, table)
+            lines.append(f"| {a} - {b} | " + " | ".join(fmt(c, d[c][0], 1.96 * d[c][1], "+") for c in cols) + " |")
     return "\n".join(lines)
 
 
-def draw_curves(args):
-    """eval.py --curves LOG... [--table table.json] --out curves.png"""
-    for p in args.curves + ([args.table] if args.table else []):
-        if not os.path.isfile(p):
-            raise BadInput(f"{p} does not exist; give training logs (runs/*.jsonl) and an eval.py table.json")
-    if not args.out.endswith(".png"):
-        raise BadInput(f"--out {args.out}: with --curves, --out is the picture to write, a .png")
-    checkpoints.check_writable(args.out)
-    if os.path.exists(args.out) and not args.overwrite:
-        raise BadInput(f"{args.out} exists; pass --overwrite to replace it, or choose another --out")
-    try:
-        picture = curves(args.curves, args.table)
-        logs = read_logs(args.curves)
-        students = [n for n, recs in logs.items() if any(k.startswith("opd/") for r in recs for k in r)]
-        rewarded = {n: sum(k.startswith("reward/") for r in recs[:1] for k in r) for n, recs in logs.items()}
-        mixes = [n for n, k in rewarded.items() if k > 1]
-        singles = [logs[n] for n, k in rewarded.items() if k == 1]
-        for s, m in [(s, m) for s in students for m in mixes]:
-            hit = time_to_reach(logs[s], logs[m], singles)
-            print(f"{s} never reaches {m}'s final Avg" if hit is None else
-                  f"{s} first reaches {m}'s final Avg {hit[0]:.3f} after {hit[1]:.0f} s of Stage 2, {hit[2]:.0f} s with "
-                  f"its {len(singles)} teachers' training; {m}'s whole run took {hit[3]:.0f} s")
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as e:
-        raise BadInput(f"cannot read the logs or the table ({type(e).__name__}: {e}); give JSONL training logs and "
-                       "an eval.py table.json") from None
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    picture.save(args.out)
-    print(f"wrote {args.out}")
-
-
 def main(argv=None):
-    ap = runs.parser("Evaluate checkpoints on the held-out prompts: the paper's Table 2.")
+    ap = runs.parser("Evaluate checkpoints on the held-out prompts: the paper's Table 2 (--ood, --quality: "
+                     "Tables 3 and 4).")
     ap.add_argument("ckpts", nargs="*", help="base checkpoints, LoRA teachers / students, or NAME=PATH to name a row "
                     "(default name: the file name)")
     ap.add_argument("--curves", nargs="+", default=None, metavar="LOG", help="instead: draw these training logs' held-out "
@@ -360,6 +297,10 @@ def main(argv=None):
                     "for SD3 on CUDA)")
     ap.add_argument("--prompt_file", nargs="+", default=None, help="TASK=PATH or JSONL {prompt, task}: evaluate "
                     "these prompts (the first --n of each task) instead of the mini world's held-out ones")
+    ap.add_argument("--ood", action="store_true", help="also Table 3's analogue: --n prompts of each kind of "
+                    "composition no stage sees (ood.py)")
+    ap.add_argument("--quality", action="store_true", help="also Table 4's analogue: the quality metrics no reward "
+                    "optimises (quality.py), and variety.png (the same prompts under four noises, across rows)")
     real_rewards.add_args(ap)
     args = ap.parse_args(argv)
     modes = [m for m, on in (("checkpoints", args.ckpts), ("--curves", args.curves), ("--pool", args.pool)) if on]
@@ -367,7 +308,7 @@ def main(argv=None):
         raise BadInput(f"{' and '.join(modes)}: give one of checkpoints, --curves LOG... [--table] or --pool TABLE... "
                        "(which prints, and writes no --out)")
     if args.curves:
-        return draw_curves(args)
+        return curves.draw(args)
     if args.pool:
         for p in args.pool:
             if not os.path.isfile(p):
@@ -398,11 +339,12 @@ def main(argv=None):
     if any(len(s) > 100 for s in slugs):
         raise BadInput(f"a row name of {max(map(len, slugs))} characters is too long for its picture's file name; "
                        "give at most 100 with NAME=PATH")
-    twice = sorted({n for n, _ in named if slugs.count(slug(n)) > 1 or slug(n) in ("compare", "table")})
+    twice = sorted({n for n, _ in named if slugs.count(slug(n)) > 1 or slug(n) in ("compare", "table", "variety")})
     if twice:
         raise BadInput(f"the row {twice[0]!r} would write the same picture as another row or compare.png "
                        f"({slug(twice[0])}.png); name the rows apart with NAME=PATH")
-    for f in [f"{s}.png" for s in slugs] + ["compare.png", "table.md", "table.json", "table.json.tmp"]:
+    extra = ["variety.png"] if args.quality else []
+    for f in [f"{s}.png" for s in slugs] + extra + ["compare.png", "table.md", "table.json", "table.json.tmp"]:
         checkpoints.check_writable(os.path.join(args.out, f))  # each: no link, folder or unwritable place
     earlier = []
     if os.path.exists(previous):  # what an earlier evaluation wrote: only plain files of ours, in --out itself
@@ -413,12 +355,12 @@ def main(argv=None):
             raise BadInput(f"{previous} is damaged (an evaluation stopped while writing it?); delete {args.out} or "
                            "choose another --out") from None
     written = {os.path.realpath(os.path.join(args.out, f)) for f in
-               [f"{s}.png" for s in slugs] + earlier + ["compare.png", "table.md", "table.json"]}
+               [f"{s}.png" for s in slugs] + earlier + extra + ["compare.png", "table.md", "table.json"]}
     for spec in [*(args.prompt_file or []), *(p for _, p in named)]:
         path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
         if os.path.realpath(path) in written:
             raise BadInput(f"{path} is an input and would be written over by this evaluation; choose another --out")
-    theirs = [f for f in [f"{s}.png" for s in slugs] + ["compare.png", "table.md"]
+    theirs = [f for f in [f"{s}.png" for s in slugs] + extra + ["compare.png", "table.md"]
               if os.path.exists(os.path.join(args.out, f)) and f not in earlier]
     if theirs and not args.overwrite:  # a file no evaluation of ours listed: somebody else's
         raise BadInput(f"{args.out} already holds {theirs[0]}, which no earlier evaluation wrote there; give an empty "
@@ -432,21 +374,27 @@ def main(argv=None):
     if short:
         raise BadInput(f"--n {args.n} but --prompt_file holds {len(by_task[short[0]])} prompt(s) of task {short[0]}; "
                        "give --n at most that, or more prompts (a prompt is never scored twice)")
+    sd3 = [path for _, path, _, base in sources if not base.endswith(".safetensors")]
+    if sd3 and (args.ood or args.quality):
+        raise BadInput(f"--ood and --quality are the mini world's (its grammar and its clean pictures); {sd3[0]} is "
+                       "an SD3 model: leave them out")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = fm.dtype_for(args.precision, device)
     for base in dict.fromkeys(base for *_, base in sources):
         real_rewards.use_backends(args, mw.TASKS, base, device)
-    rows, raw, pictures = {}, {}, {}
+    rows, raw, pictures, variety = {}, {}, {}, {}
     for name, path, kind, base in sources:
         model = load_row(path, kind, base, device, dtype, args.resolution)
         model.max_sequence_length = args.max_sequence_length
-        scores, images, shown = evaluate(model, args.n, args.steps, args.guidance, args.seed, args.batch,
-                                         args.resolution, by_task)
-        rows[name], raw[name], pictures[name] = summarise(scores), scores, images
+        scores, images, shown, pics = evaluate(model, args.n, args.steps, args.guidance, args.seed, args.batch,
+                                               args.resolution, by_task, args.ood, args.quality)
+        rows[name], raw[name], pictures[name], variety[name] = summarise(scores), scores, images, pics
         print(markdown({name: rows[name]}).splitlines()[-1], flush=True)
     table = markdown(rows)
     cats = category_markdown(raw)
     table += "\n\n" + cats if cats else ""
+    for t in tables_of(next(iter(raw.values())))[1:]:
+        table += f"\n\n{t[0]}:\n\n" + markdown(rows, t)
     print("\n" + table)
     if runs.stop_signalled():  # a Ctrl-C after the last batch: still nothing written
         raise runs.Interrupted("a stop signal arrived")
@@ -454,7 +402,11 @@ def main(argv=None):
         if os.path.isfile(os.path.join(args.out, f)):
             os.remove(os.path.join(args.out, f))
     os.makedirs(args.out, exist_ok=True)  # only now: a bad row writes nothing
-    files = [f"{slug(name)}.png" for name in pictures] + ["compare.png", "table.md", "table.json"]
+    files = [f"{slug(name)}.png" for name in pictures] + extra + ["compare.png", "table.md", "table.json"]
+    if args.quality:  # MAR's picture: each row's samples of the same prompts under the same four noises
+        shown4 = [p["prompt"] for task in mw.TASKS for p in mw.eval_prompts(task, 2) for _ in range(4)]
+        comparison({name: torch.cat(v) for name, v in variety.items()}, shown4, per_task=8).save(
+            os.path.join(args.out, "variety.png"))
     for name, images in pictures.items():
         sample.grid(images, shown).save(os.path.join(args.out, f"{slug(name)}.png"))
     comparison(pictures, shown).save(os.path.join(args.out, "compare.png"))

@@ -2,7 +2,8 @@
 # The mini world's Table 2, end to end, for one seed, from the shipped base ckpts/base.safetensors (as the paper's
 # runs all start from SD3.5-M; --pretrain trains a base first):
 #   four single-reward teachers -> GRPO-Mix -> merge and SFT cold starts -> Merge+GRPO-Mix,
-#   SFT+GRPO-Mix -> Flow-OPD (Merge), Flow-OPD (SFT), Flow-OPD (Merge) w/o MAR -> eval.py on every row, and the
+#   SFT+GRPO-Mix -> Flow-OPD (Merge), Flow-OPD (SFT), Flow-OPD (Merge) w/o MAR -> eval.py on every row (Table 2,
+#   and the analogues of Tables 3 and 4: compositions no stage sees, quality metrics no reward optimises), and the
 #   curves of GRPO-Mix against Flow-OPD.
 usage() {
   cat <<'EOF'
@@ -15,7 +16,8 @@ usage: bash reproduce.sh [--quick] [--seed S] [--pretrain]
   NPROC=2    (environment) train under torchrun with 2 processes (gloo on CPU, nccl on GPUs)
 
 A stage whose output exists is skipped and an interrupted one resumes, so re-running a seed finishes it.
-Table 2 goes to results/<seed>/table.md (and table.json), the grids beside it, timings to results/<seed>/times.txt.
+Tables 2, 3 and 4 go to results/<seed>/table.md (and table.json), the grids and variety.png (MAR's picture)
+beside it, timings to results/<seed>/times.txt.
 EOF
 }
 set -euo pipefail
@@ -98,7 +100,7 @@ stage opd-merge-no-mar "$CK/students/opd-merge-no-mar.safetensors" run opd_stude
   --anchor base --log_file "$LOGS/opd-merge-no-mar.jsonl"
 
 t0=$SECONDS
-python eval.py $EVAL --seed "$SEED" --overwrite --out "$OUT" \
+python eval.py $EVAL --ood --quality --seed "$SEED" --overwrite --out "$OUT" \
   "Base=$BASE" \
   "GRPO-GenEval=$CK/teachers/geneval.safetensors" "GRPO-OCR=$CK/teachers/ocr.safetensors" \
   "GRPO-PickScore=$CK/teachers/pickscore.safetensors" "GRPO-DeQA=$CK/teachers/deqa.safetensors" \
@@ -109,4 +111,4 @@ python eval.py $EVAL --seed "$SEED" --overwrite --out "$OUT" \
 python eval.py --curves "$LOGS/grpo-mix.jsonl" "$LOGS/opd-merge.jsonl" "${TEACHER_LOGS[@]}" --table "$OUT/table.json" \
   --out "$OUT/curves.png" --overwrite | tee "$OUT/time-to-mix.txt"
 echo "[$(( SECONDS - t0 ))s] eval.py" | tee -a "$OUT/times.txt"
-echo "Table 2 in $OUT/table.md, the rows side by side in $OUT/compare.png, curves in $OUT/curves.png, times in $OUT/times.txt"
+echo "Tables 2-4 in $OUT/table.md, the rows side by side in $OUT/compare.png and variety.png, curves in $OUT/curves.png, times in $OUT/times.txt"

@@ -447,6 +447,118 @@ def test_geneval_scorer_on_renderer():
     assert acc_clean == 1 and acc_wrong == 1  # every one of 300, each way (seeded)
 
 
+# ------------------------------------------------ Tables 3 and 4: compositions no stage sees, metrics no reward trains
+def _signature(spec):
+    """What a picture of this spec holds, in the terms of ood.py's kinds."""
+    objs = spec.get("objects") or ([spec["object"]] if spec.get("object") else [])
+    return {"three": len({s for s, _, _ in objs}) >= 3,
+            "numeracy": len(objs) >= 2 and any(k > 1 for _, _, k in objs),
+            "spatial": bool(spec.get("relation")) and any(c for _, c, _ in objs),
+            "binding": bool(mw.bindings(spec) & mw.OOD_BINDINGS)}
+
+
+def test_ood_prompts_are_seen_by_no_stage():
+    """ood.py's five kinds: each at least 64 distinct prompts in the model's words and 10-token window, none drawn by
+    the pretraining or the Stage 1/2 prompt streams (20,000 draws each); and no picture pretraining shows has a
+    kind's defining feature: every in-distribution prompt of the grammar, and 20 one-error corruptions of each
+    (pretraining's defects), parsed by miniworld.parse: no three shapes, no count beside another shape, no colour in
+    a relation, no held-out binding. Every prompt of a kind has its feature."""
+    import ood
+    seen = set()
+    for pretrain in (False, True):
+        stream = mw.train_prompts(seed=3, pretrain=pretrain)
+        seen |= {next(stream)["prompt"] for _ in range(20000)}
+    rng, trained = random.Random(0), {}
+    for task in ("geneval", "ocr", "pickscore"):
+        for p in mw.all_prompts(task):
+            if not mw.is_ood(p):
+                specs = [mw.parse(p)] + [s for s in (mw.corrupt(p, rng) for _ in range(20)) if s]
+                for spec in specs:
+                    for k, v in _signature(spec).items():
+                        trained[k] = trained.get(k, False) or v
+    assert not any(trained.values()), trained
+    feature = {"binding": "binding", "three": "three", "numeracy": "numeracy", "spatial": "spatial", "scene": "binding"}
+    for kind in ood.KINDS:
+        ps = ood.all_prompts(kind)
+        assert len(ps) >= 64 and len(set(ps)) == len(ps) and not set(ps) & seen, kind
+        assert max(len(mw.tokenize(p)) for p in ps) <= mw.MAX_TOKENS, kind
+        assert all(_signature(mw.parse(p))[feature[kind]] for p in ps), kind
+        assert [p["prompt"] for p in ood.eval_prompts(kind, 64)] == [p["prompt"] for p in ood.eval_prompts(kind, 64)]
+    print("    " + ", ".join(f"{k} {len(ood.all_prompts(k))}" for k in ood.KINDS) + " prompts; none trained on")
+
+
+def test_ood_scorer_on_renderer():
+    """64 prompts of each kind (evenly spread over its list), drawn right, score 1; drawn with one definite error, 0:
+    a held-out binding in its
+    shape's usual colour, the third object left out, one fewer of the counted shape, the two objects' places swapped,
+    the scene's object in its usual colour."""
+    import ood
+    rng = random.Random(0)
+    for kind in ood.KINDS:
+        ps = ood.all_prompts(kind)
+        ps = [ps[i * len(ps) // 64] for i in range(64)]
+        right = ood.score(torch.stack([mw.render(p, rng) for p in ps]), ps)
+        wrong = []
+        for p in ps:
+            spec = mw.parse(p)
+            if kind == "scene":
+                s, c, k = spec["object"]
+                wrong.append(mw.render_general({**spec, "object": (s, mw.USUAL_COLOR[s], k)}, rng))
+                continue
+            objs = [list(o) for o in spec["objects"]]
+            if kind == "binding":
+                o = next(o for o in objs if (o[1] or mw.USUAL_COLOR[o[0]], o[0]) in mw.OOD_BINDINGS)
+                o[1] = mw.USUAL_COLOR[o[0]]
+            elif kind == "three":
+                objs = objs[:2]
+            elif kind == "numeracy":
+                o = next(o for o in objs if o[2] > 1)
+                o[2] -= 1
+            else:
+                objs.reverse()
+            wrong.append(mw.render_geneval({**spec, "objects": [tuple(o) for o in objs]}, rng))
+        wrong = ood.score(torch.stack(wrong), ps)
+        assert right.tolist() == [1.0] * len(ps) and wrong.tolist() == [0.0] * len(ps), (kind, right.mean(), wrong.mean())
+    print(f"    {64 * len(ood.KINDS)} prompts: right renders 1, wrong renders 0, each")
+
+
+def test_quality_metrics_by_hand():
+    """quality.py against a computation written out here with numpy: a picture's 16x16 features are its 2x2 block
+    means; agreement = 1 - the smallest mean absolute difference to the 16 clean pictures of its prompt; diversity =
+    the mean over ordered pairs of distinct pictures. A clean picture is itself in the aesthetic bank (1.0); and the
+    metrics see what they are for: defective pictures score lower than clean ones, a wrong prompt lower agreement,
+    one picture repeated has diversity 0."""
+    import numpy as np
+    import quality
+    ps = [p for t in mw.TASKS for p in mw.eval_prompts(t, 6)]
+    rng = random.Random(3)
+    clean = torch.stack([mw.render(p["prompt"], rng) for p in ps])
+    bad = torch.stack([mw.render(p["prompt"], rng, defects=True) for p in ps])
+
+    def feats(x):  # (3, 32, 32) -> 768 block means
+        a = x.numpy().astype(np.float64)
+        return np.array([[[a[c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean() for j in range(16)] for i in range(16)]
+                         for c in range(3)]).ravel()
+    for k in (0, 7, 13, 22):
+        r = random.Random(f"reference-{ps[k]['prompt']}")
+        refs = [feats(mw.render(ps[k]["prompt"], r)) for _ in range(16)]
+        want = 1 - min(np.abs(feats(bad[k]) - f).mean() for f in refs)
+        assert abs(float(quality.agreement(bad[k:k + 1], ps[k:k + 1])) - want) < 1e-5, k
+    four = bad[:8].view(2, 4, 3, 32, 32)
+    f = [[feats(x) for x in group] for group in four]
+    want = [np.mean([np.abs(g[i] - g[j]).mean() for i in range(4) for j in range(4) if i != j]) for g in f]
+    close(quality.diversity(four), torch.tensor(want, dtype=torch.float32), 1e-5, "diversity")
+    assert quality.diversity(clean[:1].expand(4, 3, 32, 32)[None]).item() == 0
+    bank_pic = mw.render(mw.all_prompts("geneval")[0], random.Random("aesthetic-bank"))  # the bank's first
+    assert abs(float(quality.aesthetic(bank_pic[None])) - 1) < 1e-6
+    a_clean, a_bad = quality.agreement(clean, ps).mean(), quality.agreement(bad, ps).mean()
+    e_clean, e_bad = quality.aesthetic(clean).mean(), quality.aesthetic(bad).mean()
+    shuffled = quality.agreement(clean, ps[1:] + ps[:1]).mean()
+    assert a_clean > a_bad and e_clean > e_bad and shuffled < a_clean - 0.1, (a_clean, a_bad, e_clean, e_bad, shuffled)
+    print(f"    agreement clean {a_clean:.3f} > defective {a_bad:.3f} > wrong prompt {shuffled:.3f}; "
+          f"aesthetic {e_clean:.3f} > {e_bad:.3f}")
+
+
 def _draw(objects, r=6):
     """An image with these (shape, colour, cx, cy) objects on a plain background, at the renderer's size r."""
     img = torch.full((3, 32, 32), 0.15)
@@ -1623,9 +1735,9 @@ def test_readme_recipe_is_reproduce_sh():
 
 
 def test_time_to_mix_by_hand():
-    """eval.time_to_reach on hand-made logs: training time is the step times the median step time (a stalled step
+    """curves.time_to_reach on hand-made logs: training time is the step times the median step time (a stalled step
     does not count), and the student's first evaluation at or above GRPO-Mix's final Avg is when it reaches it."""
-    import eval as ev
+    import curves as ev
     mix = [{"step": s, "t_rollout": 1.0, "t_update": 1.0, **({"eval/Avg": a} if a else {})}
            for s, a in ((1, 0.50), (5, None), (10, 0.60), (15, None), (20, 0.70))]          # 2 s a step
     student = [{"step": s, "t_rollout": t, "t_update": 0.5, **({"eval/Avg": a} if a else {})}
@@ -1678,6 +1790,21 @@ def test_paired_and_pooled_intervals_are_the_textbook_ones():
     text = ev.pool(paths)
     g = [t["rows"]["A"]["GenEval"][0] for t in tables]
     assert f"| A | {statistics.mean(g):.3f} ± {statistics.stdev(g):.3f} |" in text, text
+    import ood  # Table 3's columns, when every table has them: the same formulas, its mean unscaled
+    for t in tables:
+        for r in ("A", "B"):
+            t["scores"][r].update({f"ood:{k}": [float(rng.random() < 0.5) for _ in range(5)] for k in ood.KINDS})
+            t["rows"][r] = ev.summarise(t["scores"][r])
+    for k, t in enumerate(tables):
+        json.dump(t, open(paths[k], "w"))
+    text = ev.pool(paths)
+    b = [t["rows"]["A"]["Binding"][0] for t in tables]
+    assert f"| A | {statistics.mean(b):.3f} ± {statistics.stdev(b):.3f} |" in text.split("Table 3")[1], text
+    d3 = ev.paired(tables, "A", "B", ev.TABLES[1])
+    diffs = {k: [a - b for t in tables for a, b in zip(t["scores"]["A"][f"ood:{k}"], t["scores"]["B"][f"ood:{k}"])]
+             for k in ood.KINDS}
+    assert abs(d3["OOD mean"][0] - statistics.mean(statistics.mean(v) for v in diffs.values())) < 1e-6
+    assert abs(d3["OOD mean"][1] - math.sqrt(sum((statistics.stdev(v) / math.sqrt(10)) ** 2 for v in diffs.values())) / 5) < 1e-6
     print(f"    paired GenEval {d['GenEval'][0]:+.4f} ± {d['GenEval'][1]:.4f}; Avg ± {avg_se:.5f}")
 
 
@@ -1711,7 +1838,8 @@ def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
     lora.save_lora(nz, model.transformer, "t", {"role": "teacher", "tasks": ["ocr"], "base_path": base,
                                               "base_hash": fm.fingerprint(fm.load_model(base))})
     out = os.path.join(TMP, "eval_out")
-    cli("eval.py", f"Base={base}", f"Zero LoRA={path}", f"Other={nz}", "--n", "4", "--steps", "3", "--out", out)
+    cli("eval.py", f"Base={base}", f"Zero LoRA={path}", f"Other={nz}", "--n", "4", "--steps", "3", "--out", out,
+        "--ood", "--quality")
     table = json.load(open(os.path.join(out, "table.json")))
     assert list(table["rows"]) == ["Base", "Zero LoRA", "Other"] and table["scores"]["Base"] == table["scores"]["Zero LoRA"]
     import eval as ev  # the non-zero row is the base with s B A folded into its weights here, by hand
@@ -1723,12 +1851,23 @@ def test_eval_cli_lora_row_equals_base_when_delta_is_zero():
     import numpy as np
     import sample
     from PIL import Image
-    scores, images, shown = ev.evaluate(folded, n=4, steps=3)
+    scores, images, shown, _ = ev.evaluate(folded, n=4, steps=3)
     mine = np.asarray(sample.grid(images, shown)).astype(int)
     grid = {r: np.asarray(Image.open(os.path.join(out, f"{r}.png"))).astype(int) for r in ("base", "zero-lora", "other")}
     assert (grid["base"] == grid["zero-lora"]).all()
     assert mine.shape == grid["other"].shape and np.abs(mine - grid["other"]).max() <= 1  # (8-bit rounding)
     assert np.abs(grid["other"] - grid["base"]).max() > 20, "the non-zero LoRA changed nothing"
+    import ood  # Table 3's row, by hand: each kind's first 4 prompts from the noise of seed 10 + k, scored strictly
+    for k, kind in enumerate(ood.KINDS):
+        ps = ood.eval_prompts(kind, 4)
+        x = torch.randn((4, 3, 32, 32), generator=torch.Generator().manual_seed(10 + k))
+        with torch.no_grad():
+            out_k = fm.rollout(folded, fm.encode_prompts(folded, ps), 3, 1.0, sde=[], x=x)
+        assert ood.score(fm.to_images(folded, out_k["states"][:, -1]).float(), ps).tolist() == table["scores"]["Other"][f"ood:{kind}"]
+    assert len(table["scores"]["Other"]["quality:diversity"]) == 16 and len(table["scores"]["Other"]["quality:agreement"]) == 16
+    md = open(os.path.join(out, "table.md")).read()
+    assert "| Other |" in md.split("Table 3")[1] and "| Other |" in md.split("Table 4")[1] and \
+        os.path.exists(os.path.join(out, "variety.png"))
     assert os.path.exists(os.path.join(out, "compare.png")) and os.path.exists(os.path.join(out, "zero-lora.png"))
     assert "| Zero LoRA |" in open(os.path.join(out, "table.md")).read()
 
@@ -2209,6 +2348,8 @@ CATALOGUE = [  # name, the command ({I}: the inputs folder), what the one line m
     ("truncated_checkpoint", ["eval.py", "{I}/truncated.safetensors"], "truncated"),
     ("lora_given_as_base", ["grpo_teacher.py", "--model", "{I}/ocr.safetensors"], "not a flow-opd base model"),
     ("lora_of_another_architecture", ["eval.py", "{I}/narrow.safetensors"], "the model wants"),
+    ("ood_tables_of_an_sd3_model", ["eval.py", "stabilityai/stable-diffusion-3.5-medium", "--quality"],
+     "--ood and --quality are the mini world's"),
     ("teacher_of_another_base", ["opd_student.py", "--model", B, "--teachers", "geneval={I}/foreign.safetensors"],
      "trained on another base"),
     ("anchor_of_another_base", ["opd_student.py", "--model", B, "--teachers", "{I}/geneval.safetensors", "--anchor",
