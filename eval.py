@@ -254,8 +254,12 @@ def pool(paths):
                                                                      "Merge", "Merge+GRPO-Mix"]]
              + [("Flow-OPD (SFT)", "SFT+GRPO-Mix"), ("Flow-OPD (SFT)", "GRPO-Mix")] + [("GRPO-Mix", t) for t in teachers]
              + [(t, "Base") for t in teachers] if a in names and b in names]
+    held = [[t[0] for t in tables_of(tb["scores"][names[0]])] for tb in tables]
+    if any(h != held[0] for h in held):
+        raise ValueError(f"the tables hold different tables ({' / '.join(', '.join(h) for h in held)}); evaluate "
+                         "every seed with the same --ood and --quality")
     lines = []
-    for table in [t for t in TABLES if all(t in tables_of(tb["scores"][names[0]]) for tb in tables)]:
+    for table in tables_of(tables[0]["scores"][names[0]]):
         title, columns, mean_name = table
         cols = [c for c, _ in columns] + ([mean_name] if mean_name else [])
         lines += ([] if table is TABLES[0] else ["", f"{title}:", ""])
@@ -341,8 +345,8 @@ def main(argv=None):
                        "give at most 100 with NAME=PATH")
     twice = sorted({n for n, _ in named if slugs.count(slug(n)) > 1 or slug(n) in ("compare", "table", "variety")})
     if twice:
-        raise BadInput(f"the row {twice[0]!r} would write the same picture as another row or compare.png "
-                       f"({slug(twice[0])}.png); name the rows apart with NAME=PATH")
+        raise BadInput(f"the row {twice[0]!r} would write the same picture as another row, compare.png or "
+                       f"variety.png ({slug(twice[0])}.png); name the rows apart with NAME=PATH")
     extra = ["variety.png"] if args.quality else []
     for f in [f"{s}.png" for s in slugs] + extra + ["compare.png", "table.md", "table.json", "table.json.tmp"]:
         checkpoints.check_writable(os.path.join(args.out, f))  # each: no link, folder or unwritable place

@@ -453,16 +453,16 @@ def _signature(spec):
     objs = spec.get("objects") or ([spec["object"]] if spec.get("object") else [])
     return {"three": len({s for s, _, _ in objs}) >= 3,
             "numeracy": len(objs) >= 2 and any(k > 1 for _, _, k in objs),
-            "spatial": bool(spec.get("relation")) and any(c for _, c, _ in objs),
-            "binding": bool(mw.bindings(spec) & mw.OOD_BINDINGS)}
+            "spatial": spec.get("relation") in ("above", "below") and any(c for _, c, _ in objs),  # side by side,
+            "binding": bool(mw.bindings(spec) & mw.OOD_BINDINGS)}  # coloured shapes are colour attribution's picture
 
 
 def test_ood_prompts_are_seen_by_no_stage():
     """ood.py's five kinds: each at least 64 distinct prompts in the model's words and 10-token window, none drawn by
     the pretraining or the Stage 1/2 prompt streams (20,000 draws each); and no picture pretraining shows has a
     kind's defining feature: every in-distribution prompt of the grammar, and 20 one-error corruptions of each
-    (pretraining's defects), parsed by miniworld.parse: no three shapes, no count beside another shape, no colour in
-    a relation, no held-out binding. Every prompt of a kind has its feature."""
+    (pretraining's defects), parsed by miniworld.parse: no three shapes, no count beside another shape, no coloured
+    shape above or below another, no held-out binding. Every prompt of a kind has its feature."""
     import ood
     seen = set()
     for pretrain in (False, True):
@@ -488,10 +488,10 @@ def test_ood_prompts_are_seen_by_no_stage():
 
 
 def test_ood_scorer_on_renderer():
-    """64 prompts of each kind (evenly spread over its list), drawn right, score 1; drawn with one definite error, 0:
-    a held-out binding in its
-    shape's usual colour, the third object left out, one fewer of the counted shape, the two objects' places swapped,
-    the scene's object in its usual colour."""
+    """64 prompts of each kind (evenly spread over its list), drawn right, score 1, the compositions also with a
+    speck of clutter beside them; drawn with one definite error, 0: a held-out binding in its shape's usual colour, the third object
+    left out, one fewer of the counted shape (or one more of the singular one), the two objects' places swapped, the
+    scene's object in its usual colour; and a speck of clutter is no object (a 3-px circle in the asked colour)."""
     import ood
     rng = random.Random(0)
     for kind in ood.KINDS:
@@ -512,13 +512,23 @@ def test_ood_scorer_on_renderer():
             elif kind == "three":
                 objs = objs[:2]
             elif kind == "numeracy":
-                o = next(o for o in objs if o[2] > 1)
-                o[2] -= 1
+                o = next(o for o in objs if o[2] > 1) if len(wrong) % 2 else min(objs, key=lambda o: o[2])
+                o[2] += 1 if o[2] == 1 else -1
             else:
                 objs.reverse()
             wrong.append(mw.render_geneval({**spec, "objects": [tuple(o) for o in objs]}, rng))
         wrong = ood.score(torch.stack(wrong), ps)
         assert right.tolist() == [1.0] * len(ps) and wrong.tolist() == [0.0] * len(ps), (kind, right.mean(), wrong.mean())
+        specked = torch.stack([mw.render(p, rng) for p in ps])
+        for img in specked if kind != "scene" else []:  # clutter as pretraining paints it, on plain background
+            x, y = next((x, y) for x in range(4, 29) for y in range(4, 29)  # 2 px clear of any object
+                        if (img[:, y - 3:y + 3, x - 3:x + 3].amax((1, 2)) - img[:, y - 3:y + 3, x - 3:x + 3].amin((1, 2))).max() < 0.05)
+            mw.paint(img, mw.shape_mask("circle", x, y, 1.5), mw.COLORS[rng.choice(list(mw.COLORS))])
+        assert ood.score(specked, ps).tolist() == [1.0] * len(ps), kind
+    speck = torch.full((3, 32, 32), 0.15)  # a blue square, and a blue speck that a blob of 8 px would call a circle
+    mw.paint(speck, mw.shape_mask("square", 8, 16, 6), mw.COLORS["blue"])
+    mw.paint(speck, mw.shape_mask("circle", 24, 16, 1.5), mw.COLORS["blue"])
+    assert ood.score(speck[None], ["a blue circle"]).tolist() == [0.0]
     print(f"    {64 * len(ood.KINDS)} prompts: right renders 1, wrong renders 0, each")
 
 
@@ -1725,6 +1735,7 @@ def test_readme_recipe_is_reproduce_sh():
     ours = rows.findall(recipe)
     theirs = [(n, p.replace("$BASE", "ckpts/base.safetensors")) for n, p in rows.findall(sh[sh.index("python eval.py"):])]
     assert ours == theirs and len(ours) == 12, (ours, theirs)
+    assert "--ood --quality" in recipe and "python eval.py $EVAL --ood --quality" in sh  # Tables 3 and 4 in both
     stages = re.findall(r'^stage (\S+) "([^"]+)"', sh, re.M)
     for name, out in stages:  # every file reproduce.sh writes is one the README's recipe writes
         assert out in recipe, (name, out)
@@ -2779,7 +2790,7 @@ def test_bad_input_reproduce_sh_unknown_argument_and_help():
 def test_imports_form_a_tree_and_files_stay_short():
     """Every import between the project's modules (also those inside functions) counted: no cycle; runs.py imports
     none; every file but this one reads in one sitting (<= 450 lines; miniworld.py, the world's grammar, and eval.py,
-    whose three modes are the table, the curves and the pooled seeds, 500); the math modules need torch alone."""
+    whose modes are the tables and the pooled seeds, 500); the math modules need torch alone."""
     import ast
     import glob
     mods = {os.path.basename(f)[:-3]: f for f in glob.glob(os.path.join(HERE, "*.py"))}
