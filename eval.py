@@ -141,8 +141,8 @@ def evaluate(model, n=128, steps=10, guidance=1.0, seed=0, batch=64, resolution=
         if task == "geneval":
             scores["geneval_category"] = [p.get("tag") or mw.geneval_category(p["prompt"]) for p in prompts]
     for k, kind in enumerate(ood.KINDS if ood_kinds else ()):
-        vals = []
-        _sample(model, ood.eval_prompts(kind, n), noise(10 + k, n), steps, guidance, batch,
+        vals, prompts = [], ood.eval_prompts(kind, n)  # all of a kind that has fewer than n
+        _sample(model, prompts, noise(10 + k, len(prompts)), steps, guidance, batch,
                 lambda img, chunk, i: vals.append(ood.score(img, chunk)))
         scores[f"ood:{kind}"] = torch.cat(vals).tolist()
     for k, task in enumerate(mw.TASKS if quality_metrics else ()):
