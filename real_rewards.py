@@ -197,8 +197,10 @@ def use_backends(args, names, model_path, device="cpu"):
 def make_server(name, host="127.0.0.1", port=0):
     """The reference reward server: this file's scorer `name` behind the HTTP + JSON protocol above. Its scorers read
     the mini world's 32x32 pictures, so larger images are area-resized to that first (a stand-in for real SD3 runs;
-    a real deployment serves Flow-GRPO's reward-server models)."""
+    a real deployment serves Flow-GRPO's reward-server models). The scorer is taken when the server is made, so a
+    client in the same process that points REWARDS at servers never has a server call itself."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    score = REWARDS[name]
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -207,7 +209,7 @@ def make_server(name, host="127.0.0.1", port=0):
                 images = torch.stack([from_png_b64(s) for s in req["images"]])
                 if images.shape[-1] != mw.SIZE:
                     images = torch.nn.functional.interpolate(images, size=(mw.SIZE, mw.SIZE), mode="area")
-                scores = REWARDS[name](images, req["prompts"])
+                scores = score(images, req["prompts"])
                 code, body = 200, {"scores": [None if s != s else float(s) for s in scores.tolist()]}
             except Exception as e:  # the client gets the reason, the server keeps serving
                 code, body = 400, {"error": f"{type(e).__name__}: {e}"}

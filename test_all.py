@@ -45,11 +45,51 @@ def close(a, b, tol, what=""):
     return err
 
 
+def run_inprocess(args, cwd=None):
+    """`python script.py args...` as its `__main__` runs it (runs.run(main)), but in this process: a fresh interpreter
+    spends some 7 s importing torch and diffusers, most of this suite's time. In cwd (default: a new empty folder).
+    Returns (folder, exit code, stdout, stderr). What a run may change process-wide is restored after it: rewards'
+    backends, the RNGs it seeds, torch's threads, signal handlers, runs' stop flag and created folders, the lock."""
+    import contextlib
+    import importlib
+    import io
+    import numpy as np
+    module, argv = importlib.import_module(args[0][:-3]), list(args[1:])
+    cwd, here, out, err = cwd or tempfile.mkdtemp(dir=TMP), os.getcwd(), io.StringIO(), io.StringIO()
+    runs.CREATED.clear()  # (folders earlier in-process runs of this suite made are theirs)
+    saved = dict(rewards.REWARDS), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state(), torch.get_num_threads()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                runs.run(lambda: module.main(argv))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:  # a traceback: what the interpreter would print, and its exit status
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        rewards.REWARDS.update(saved[0])
+        signal.signal(signal.SIGINT, saved[1]), signal.signal(signal.SIGTERM, saved[2])
+        torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2]), torch.set_num_threads(rng[3])
+        runs.STOP.clear()
+        runs.CREATED.clear()
+        runs.IN_LOOP = False
+        for f in checkpoints.LOCK.values():
+            f.close()
+        checkpoints.LOCK.clear()
+    return cwd, code, out.getvalue(), err.getvalue()
+
+
 def cli(*args, expect=0):
-    """Run one of our scripts; returns (stdout, stderr)."""
-    p = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == expect, f"{args}: exit {p.returncode} (wanted {expect})\n{p.stdout[-800:]}\n{p.stderr[-1500:]}"
-    return p.stdout, p.stderr
+    """Run one of our scripts (in this process, run_inprocess); returns (stdout, stderr). The tests of what only a
+    process shows (signals, SIGKILL, torchrun, the lock) start real ones."""
+    _, code, out, err = run_inprocess(args, cwd=HERE)
+    assert code == expect, f"{args}: exit {code} (wanted {expect})\n{out[-800:]}\n{err[-1500:]}"
+    return out, err
 
 
 def test_eq6_log_prob_is_the_gaussian_density():
@@ -1211,7 +1251,7 @@ def test_merge_refuses_teachers_of_different_bases():
     _random_teacher(a, 1, 2, 2.0, "base-one")
     _random_teacher(b, 2, 2, 2.0, "base-two")
     out = os.path.join(TMP, "never.safetensors")
-    _, err = cli("merge.py", a, b, "--out", out, expect=2)
+    err = refused("merge.py", a, b, "--out", out)
     assert len(err.strip().splitlines()) == 1 and "different base" in err and not os.path.exists(out)
 
 
@@ -1453,7 +1493,7 @@ def test_sft_cold_start_moves_the_student_toward_each_routed_teacher():
                        {"role": "teacher", "tasks": [task], "base_hash": h, "base_path": base})
     out = os.path.join(TMP, "sft.safetensors")
     cli("opd_student.py", "--model", base, "--teachers", d, "--init", "sft", "--steps", "0", "--sft_samples", "64",
-        "--sft_steps", "150", "--sft_lr", "1e-2", "--out", out, "--overwrite", *TINY_RUN, "--micro_batch", "16")
+        "--sft_steps", "60", "--sft_lr", "1e-2", "--out", out, "--overwrite", *TINY_RUN, "--micro_batch", "16")
 
     def samples(path, task):
         m = fm.load_model(base)
@@ -1547,10 +1587,10 @@ def test_opd_two_process_update_and_routing_errors():
     meta = lora.read_lora(out1)[2]
     assert meta["role"] == "student" and [t["task"] for t in meta["teachers"]] == ["geneval", "ocr"]
     # routing errors: a label no teacher covers, two teachers for one label
-    _, err = cli("opd_student.py", *common, "--tasks", "geneval", "pickscore", "--out", os.path.join(TMP, "x.safetensors"), expect=2)
+    err = refused("opd_student.py", *common, "--tasks", "geneval", "pickscore", "--out", os.path.join(TMP, "x.safetensors"))
     assert "'pickscore' has no teacher" in err and len(err.strip().splitlines()) == 1
-    _, err = cli("opd_student.py", "--model", base, "--teachers", f"ocr={paths['geneval']}", paths["ocr"],
-                 "--out", os.path.join(TMP, "x.safetensors"), expect=2)
+    err = refused("opd_student.py", "--model", base, "--teachers", f"ocr={paths['geneval']}", paths["ocr"],
+                  "--out", os.path.join(TMP, "x.safetensors"))
     assert "two teachers claim task 'ocr'" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(os.path.join(TMP, "x.safetensors"))
 
@@ -1596,20 +1636,21 @@ def test_opd_full_student_fsdp():
     print(f"    full student moved up to {moved:.3g} from the base; 1 vs 2 processes (FSDP) differ by {diff:.3g}")
     assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100)
     assert json.loads(safe_meta(outs[0])["flow_opd"])["full"] is True
-    # resume: stop after step 1 (its checkpoint holds the weights and AdamW state), go on to step 2
+    # resume from FSDP shards: stop after step 1 (its checkpoint holds the weights and AdamW state), go on to step 2
+    # (one process resumes through the same checkpoint code without the sharding; a LoRA student's resume on one
+    # process is test_sigterm_saves_exits_0_and_opd_resume_checks_the_teacher_set's)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     i = common.index("--steps")
     without_steps = common[:i] + common[i + 2:]
-    for launcher, ref in (([sys.executable], outs[0]), (torchrun, outs[1])):
-        cut = ref.replace(".safetensors", "_cut.safetensors")
-        for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
-            p = subprocess.run([*launcher, "opd_student.py", *without_steps, *extra, "--out", cut,
-                                "--log_file", cut + ".jsonl"], cwd=HERE, capture_output=True, text=True, timeout=600)
-            assert p.returncode == 0, p.stderr[-2000:]
-        assert "resumed" in p.stdout
-        a, b = fm.load_model(ref).transformer.state_dict(), fm.load_model(cut).transformer.state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{len(launcher)} launcher: resumed student differs"
-    print("    --full: 1 step + --resume equals 2 steps bitwise, on 1 process and under 2-process FSDP")
+    cut = outs[1].replace(".safetensors", "_cut.safetensors")
+    for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
+        p = subprocess.run([*torchrun, "opd_student.py", *without_steps, *extra, "--out", cut,
+                            "--log_file", cut + ".jsonl"], cwd=HERE, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed" in p.stdout
+    a, b = fm.load_model(outs[1]).transformer.state_dict(), fm.load_model(cut).transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "FSDP: the resumed student differs"
+    print("    --full: 1 step + --resume equals 2 steps bitwise under 2-process FSDP")
 
 
 def test_teacher_discovery_of_the_cards_command():
@@ -1970,10 +2011,6 @@ def _sigkill_resume(launcher, tag, stage):
     assert any(not torch.equal(e, r) for e, r in zip(ema_w, raw)), "the EMA moved away from the raw weights"
 
 
-def test_sigkill_then_resume_is_bitwise_one_process():
-    _sigkill_resume([sys.executable], "kill1", stage=1)
-
-
 def test_sigkill_then_resume_is_bitwise_torchrun_two_processes():
     _sigkill_resume([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "kill2",
                     stage=1)
@@ -2019,8 +2056,8 @@ def test_sigterm_saves_exits_0_and_opd_resume_checks_the_teacher_set():
     os.makedirs(swapped, exist_ok=True)
     shutil.copy(paths["ocr"], os.path.join(swapped, "geneval.safetensors"))
     before = open(cut, "rb").read()
-    _, err = cli(*[a if a != paths["geneval"] else "geneval=" + os.path.join(swapped, "geneval.safetensors") for a in run],
-                 "--out", cut, "--log_file", cut + ".jsonl", "--resume", expect=2)
+    err = refused(*[a if a != paths["geneval"] else "geneval=" + os.path.join(swapped, "geneval.safetensors") for a in run],
+                  "--out", cut, "--log_file", cut + ".jsonl", "--resume")
     assert "another teacher set" in err and "geneval:" in err and len(err.strip().splitlines()) == 1, err
     assert open(cut, "rb").read() == before
     cli(*run, "--out", cut, "--log_file", cut + ".jsonl", "--resume")
@@ -2155,12 +2192,12 @@ def test_two_runs_on_one_out_and_reruns_are_refused():
         while not os.path.exists(out + ".jsonl"):
             assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()
             time.sleep(0.05)
-        _, err = cli(*run[1:], "--steps", "2", "--overwrite", expect=2)
+        err = refused(*run[1:], "--steps", "2", "--overwrite")
         assert "another run is writing" in err and len(err.strip().splitlines()) == 1, err
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=120)
-    _, err = cli(*run[1:], "--steps", "2", expect=2)
+    err = refused(*run[1:], "--steps", "2")
     assert "pass --resume" in err
     cli(*run[1:], "--steps", "1", "--overwrite")
     assert lora.read_lora(out)[2]["step"] == 1
@@ -2694,35 +2731,11 @@ def _args(args):
     return [a.replace("{I}", inputs).replace("{SD3}", tiny_sd3_pipeline()) for a in args]
 
 
-def _run_inprocess(args):
-    """A script's main() under runs.run, in this process, in an empty folder: (folder, exit code, stderr). The
-    process-wide state a run may change (rewards' backends, signal handlers, the stop flag, the lock) is restored."""
-    import contextlib
-    import importlib
-    import io
-    module, argv = importlib.import_module(args[0][:-3]), _args(args)[1:]
-    cwd, here, err = tempfile.mkdtemp(dir=TMP), os.getcwd(), io.StringIO()
-    runs.CREATED.clear()  # (folders earlier in-process runs of this suite made are theirs)
-    saved = dict(rewards.REWARDS), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                runs.run(lambda: module.main(argv))
-                code = 0
-            except SystemExit as e:
-                code = e.code
-    finally:
-        os.chdir(here)
-        rewards.REWARDS.update(saved[0])
-        signal.signal(signal.SIGINT, saved[1]), signal.signal(signal.SIGTERM, saved[2])
-        runs.STOP.clear()
-        runs.CREATED.clear()
-        runs.IN_LOOP = False
-        for f in checkpoints.LOCK.values():
-            f.close()
-        checkpoints.LOCK.clear()
-    return cwd, code, err.getvalue()
+def refused(*args):
+    """A script that must refuse its input (run in this process): exit 2 and one line on stderr, which it returns."""
+    _, code, _, err = run_inprocess(args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, f"{args}: exit {code}\n{err[-1500:]}"
+    return err
 
 
 def _bad_input_test(args, needle, torchrun=False):
@@ -2738,7 +2751,7 @@ def _bad_input_test(args, needle, torchrun=False):
             assert p.returncode != 0 and len(ours) == 1 and needle in ours[0], p.stderr[-1500:]
             assert p.stderr.index(ours[0]) < (p.stderr.find("Traceback") % (len(p.stderr) + 1)), "ours comes first"
         else:
-            cwd, code, err = _run_inprocess(args)
+            cwd, code, _, err = run_inprocess(_args(args))
             lines = err.strip().splitlines()
             assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 600 and \
                 needle.replace("{I}", inputs) in lines[0], f"exit {code}: {err[-1500:]}"
