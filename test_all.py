@@ -1636,21 +1636,24 @@ def test_opd_full_student_fsdp():
     print(f"    full student moved up to {moved:.3g} from the base; 1 vs 2 processes (FSDP) differ by {diff:.3g}")
     assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100)
     assert json.loads(safe_meta(outs[0])["flow_opd"])["full"] is True
-    # resume from FSDP shards: stop after step 1 (its checkpoint holds the weights and AdamW state), go on to step 2
-    # (one process resumes through the same checkpoint code without the sharding; a LoRA student's resume on one
-    # process is test_sigterm_saves_exits_0_and_opd_resume_checks_the_teacher_set's)
+    # resume: stop after step 1 (its checkpoint holds the weights and AdamW state), go on to step 2
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     i = common.index("--steps")
     without_steps = common[:i] + common[i + 2:]
-    cut = outs[1].replace(".safetensors", "_cut.safetensors")
-    for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
-        p = subprocess.run([*torchrun, "opd_student.py", *without_steps, *extra, "--out", cut,
-                            "--log_file", cut + ".jsonl"], cwd=HERE, capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-2000:]
-    assert "resumed" in p.stdout
-    a, b = fm.load_model(outs[1]).transformer.state_dict(), fm.load_model(cut).transformer.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "FSDP: the resumed student differs"
-    print("    --full: 1 step + --resume equals 2 steps bitwise under 2-process FSDP")
+    for launcher, ref in ((None, outs[0]), (torchrun, outs[1])):
+        cut = ref.replace(".safetensors", "_cut.safetensors")
+        for extra in (["--steps", "1"], ["--steps", "2", "--resume"]):
+            args = ["opd_student.py", *without_steps, *extra, "--out", cut, "--log_file", cut + ".jsonl"]
+            if launcher is None:
+                stdout = cli(*args)[0]
+            else:
+                p = subprocess.run([*launcher, *args], cwd=HERE, capture_output=True, text=True, timeout=600)
+                assert p.returncode == 0, p.stderr[-2000:]
+                stdout = p.stdout
+        assert "resumed" in stdout
+        a, b = fm.load_model(ref).transformer.state_dict(), fm.load_model(cut).transformer.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{'FSDP' if launcher else 'one process'}: resumed student differs"
+    print("    --full: 1 step + --resume equals 2 steps bitwise, on 1 process and under 2-process FSDP")
 
 
 def test_teacher_discovery_of_the_cards_command():
@@ -2009,6 +2012,10 @@ def _sigkill_resume(launcher, tag, stage):
     held = [t for _, pair in lora.read_lora(ref)[0].items() for t in pair]
     assert len(held) == len(ema_w) and all(any(torch.equal(e, h) for h in held) for e in ema_w), "--out holds the EMA"
     assert any(not torch.equal(e, r) for e, r in zip(ema_w, raw)), "the EMA moved away from the raw weights"
+
+
+def test_sigkill_then_resume_is_bitwise_one_process():
+    _sigkill_resume([sys.executable], "kill1", stage=1)
 
 
 def test_sigkill_then_resume_is_bitwise_torchrun_two_processes():
