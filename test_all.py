@@ -58,7 +58,7 @@ def run_inprocess(args, cwd=None):
     cwd, here, out, err = cwd or tempfile.mkdtemp(dir=TMP), os.getcwd(), io.StringIO(), io.StringIO()
     runs.CREATED.clear()  # (folders earlier in-process runs of this suite made are theirs)
     saved = dict(rewards.REWARDS), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    rng = torch.get_rng_state(), random.getstate(), np.random.get_state(), torch.get_num_threads()
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state(), torch.get_num_threads()
     os.chdir(cwd)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -74,7 +74,7 @@ def run_inprocess(args, cwd=None):
         os.chdir(here)
         rewards.REWARDS.update(saved[0])
         signal.signal(signal.SIGINT, saved[1]), signal.signal(signal.SIGTERM, saved[2])
-        torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2]), torch.set_num_threads(rng[3])
+        torch.set_rng_state(state[0]), random.setstate(state[1]), np.random.set_state(state[2]), torch.set_num_threads(state[3])
         runs.STOP.clear()
         runs.CREATED.clear()
         runs.IN_LOOP = False
@@ -2749,8 +2749,8 @@ def _args(args):
 
 def refused(*args):
     """A script that must refuse its input (run in this process): exit 2 and one line on stderr, which it returns."""
-    _, code, _, err = run_inprocess(args)
-    assert code == 2 and len(err.strip().splitlines()) == 1, f"{args}: exit {code}\n{err[-1500:]}"
+    err = cli(*args, expect=2)[1]
+    assert len(err.strip().splitlines()) == 1, err
     return err
 
 
